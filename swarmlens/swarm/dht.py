@@ -1,0 +1,62 @@
+"""Start hivemind DHT nodes that stay on the addresses they are given."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Sequence
+
+import hivemind
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+
+
+def loopback_dht_kwargs(host: str = DEFAULT_HOST, port: int = 0) -> dict[str, Any]:
+    """Return `hivemind.DHT` keyword arguments that keep a node off the wider network.
+
+    The node listens on `host:port` only (port 0 picks a free port). hivemind 1.1.12 defaults
+    would make its p2pd daemon send NAT-PMP/UPnP packets to the gateway (`nat_port_map`),
+    probe reachability through other peers (`auto_nat`), use circuit relays (`use_relay`,
+    `use_auto_relay`) and bootstrap from public IPFS nodes (`use_ipfs`), so all of them are
+    switched off. A deployment on a real network passes its public address as `host`.
+    """
+    return {
+        "host_maddrs": [f"/ip4/{host}/tcp/{port}"],
+        "nat_port_map": False,
+        "use_relay": False,
+        "use_auto_relay": False,
+        "auto_nat": False,
+        "use_ipfs": False,
+    }
+
+
+def start_dht(
+    initial_peers: Sequence[str] = (),
+    host: str = DEFAULT_HOST,
+    port: int = 0,
+    client_mode: bool = False,
+) -> hivemind.DHT:
+    """Start a DHT node in a background process and wait until it is ready.
+
+    Without `initial_peers` the node starts a new swarm. A node in `client_mode` can store and
+    read records but does not serve DHT requests of other nodes, which fits processes that
+    only look peers up. Raises whatever hivemind raises when the node cannot start or join,
+    for example when no initial peer answers.
+    """
+    started_at = time.perf_counter()
+    dht = hivemind.DHT(
+        initial_peers=list(initial_peers) or None,
+        start=True,
+        client_mode=client_mode,
+        **loopback_dht_kwargs(host, port),
+    )
+    elapsed_ms = (time.perf_counter() - started_at) * 1000
+    logger.debug("DHT node started in %.0f ms (client_mode=%s)", elapsed_ms, client_mode)
+    return dht
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    """Return the multiaddrs (with /p2p/<peer id>) that other nodes can use as initial peers."""
+    return [str(maddr) for maddr in dht.get_visible_maddrs()]
