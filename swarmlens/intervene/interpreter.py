@@ -1,0 +1,262 @@
+"""The interpreter that runs graph nodes inline, through hooks, while modules execute.
+
+The local executor, the client and every peer use this one class. Values live
+in an environment keyed by node id and are freed after their last use unless
+they must be kept (saved values and values carried to a later location).
+"""
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from swarmlens.intervene import ops
+from swarmlens.intervene.errors import BudgetError, ExecutionError, InterventionError
+from swarmlens.intervene.graph import INPUT, Node, Ref, map_leaves
+from swarmlens.intervene.ops import Op
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Compute limits a graph must stay within; peers set them for strangers' graphs."""
+
+    max_numel: int = 2**28  # elements in any one value: 1 GiB of float32
+    max_int_exponent: int = 64  # largest exponent for ** on two Python ints
+
+
+class Interpreter:
+    """Runs a list of nodes, each at the (module, kind, step) event it was scheduled at.
+
+    `step` is the generation step of the forward pass that runs now; the owner
+    sets it before each forward.
+    """
+
+    def __init__(self, nodes: Iterable[Node], at: dict[int, tuple[str, str, int]], modules: dict[str, nn.Module],
+                 values: dict[int, Any] | None = None, keep: Iterable[int] = (), limits: Limits = Limits()):
+        self.nodes = list(nodes)
+        self.modules = modules
+        self.env: dict[int, Any] = dict(values or {})
+        self.keep = set(keep)
+        self.limits = limits
+        self.pending: dict[tuple[str, str, int], list[Node]] = {}
+        for node in self.nodes:
+            self.pending.setdefault(tuple(at[node.id]), []).append(node)
+        self.step = 0
+        self.last_user = _last_users(self.nodes)
+        self._site_value: Any = None
+        self._suspended = False
+
+    # --- hooks -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def hooks(self) -> Iterator[None]:
+        """Attach hooks for every pending event on the modules this interpreter holds."""
+        handles = []
+        try:
+            for module_path, kind in {(module_path, kind) for module_path, kind, _ in self.pending}:
+                module = self.modules.get(module_path)
+                if module is None:
+                    continue  # runs elsewhere, e.g. a client event seen by a peer's interpreter
+                if kind == INPUT:
+                    hook = self._make_input_hook(module_path)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                else:
+                    hook = self._make_output_hook(module_path)
+                    handles.append(module.register_forward_hook(hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _make_input_hook(self, module_path: str):
+        def hook(module, args, kwargs):
+            if self._suspended:
+                return None
+            if args:
+                value = self.run_event(module_path, INPUT, args[0])
+                return (value, *args[1:]), kwargs
+            key = next(iter(kwargs))
+            value = self.run_event(module_path, INPUT, kwargs[key])
+            return args, {**kwargs, key: value}
+
+        return hook
+
+    def _make_output_hook(self, module_path: str):
+        def hook(module, args, output):
+            if self._suspended:
+                return None
+            return self.run_event(module_path, "output", output)
+
+        return hook
+
+    # --- running -----------------------------------------------------------
+
+    def run_event(self, module_path: str, kind: str, value: Any) -> Any:
+        """Run the nodes scheduled at this event and return the (maybe replaced) site value."""
+        nodes = self.pending.pop((module_path, kind, self.step), None)
+        if not nodes:
+            return value
+        self._site_value = value
+        for node in nodes:
+            self._run_node(node)
+        value, self._site_value = self._site_value, None
+        return value
+
+    def check_done(self, steps: int = 1) -> None:
+        """Raise if an event of the first `steps` steps never happened, so no node is silently skipped."""
+        missed = [(event, nodes) for event, nodes in self.pending.items() if event[2] < steps]
+        if missed:
+            (module_path, kind, step), nodes = missed[0]
+            node = nodes[0]
+            raise ExecutionError(
+                f"node %{node.id} was scheduled at {module_path}.{kind} of step {step}, which never ran",
+                node.source,
+                original_type="ExecutionError",
+            )
+
+    def take(self, ids: Iterable[int], missing_ok: bool = False) -> dict[int, Any]:
+        """Return the values of these ids; raise if one is missing, unless `missing_ok`."""
+        missing = [node_id for node_id in ids if node_id not in self.env]
+        if missing and not missing_ok:
+            raise ExecutionError(f"values {missing} were never computed", original_type="ExecutionError")
+        return {node_id: self.env[node_id] for node_id in ids if node_id in self.env}
+
+    def _run_node(self, node: Node) -> None:
+        try:
+            result = self._execute(node)
+        except InterventionError:
+            raise
+        except Exception as error:
+            raise ExecutionError(
+                f"{type(error).__name__} in node %{node.id} ({node.format()}): {error}",
+                node.source,
+                original_type=type(error).__name__,
+            ) from error
+
+        if node.op not in (Op.WRITE, Op.SETITEM):
+            self._check_size(node, result)
+            self.env[node.id] = result
+        self._free_inputs(node)
+
+    def _execute(self, node: Node) -> Any:
+        args = self._resolve(node.args)
+        kwargs = self._resolve(node.kwargs)
+        op = node.op
+
+        if op is Op.READ:
+            return self._site_value
+        if op is Op.WRITE:
+            self._site_value = args[0]
+            return None
+        if op is Op.SAVE:
+            return map_leaves(args[0], _snapshot)
+        if op is Op.GETITEM:
+            return args[0][args[1]]
+        if op is Op.SETITEM:
+            _require_tensor(args[0], "assign into")
+            args[0][args[1]] = args[2]
+            return None
+        if op is Op.GETATTR:
+            _require_tensor(args[0], f"read .{node.target} of")
+            value = getattr(args[0], node.target)
+            return tuple(value) if isinstance(value, torch.Size) else value
+        if op is Op.OPERATOR:
+            self._check_operands(node.target, args)
+            return ops.OPERATORS[node.target](*args)
+        if op is Op.METHOD:
+            _require_tensor(args[0], f"call .{node.target}() on")
+            result = getattr(args[0], node.target)(*args[1:], **kwargs)
+            return tuple(result) if isinstance(result, torch.Size) else result
+        if op is Op.FUNCTION:
+            if node.target in ops.CREATION_FUNCTIONS:
+                self._check_creation(node.target, args, kwargs)
+            return ops.FUNCTIONS[node.target](*args, **kwargs)
+        if op is Op.CALL_MODULE:
+            return self._call_module(node.target, args, kwargs)
+        raise ExecutionError(f"node %{node.id} has unknown op {op!r}", node.source, original_type="ExecutionError")
+
+    def _call_module(self, module_path: str, args: tuple, kwargs: dict) -> Any:
+        module = self.modules.get(module_path)
+        if module is None:
+            raise ExecutionError(f"module {module_path!r} is not held here", original_type="ExecutionError")
+        self._suspended = True
+        try:
+            return module(*args, **kwargs)
+        finally:
+            self._suspended = False
+
+    def _resolve(self, value: Any) -> Any:
+        def lookup(leaf: Any) -> Any:
+            if not isinstance(leaf, Ref):
+                return leaf
+            if leaf.node not in self.env:
+                raise ExecutionError(f"value %{leaf.node} is not available here", original_type="ExecutionError")
+            return self.env[leaf.node]
+
+        return map_leaves(value, lookup)
+
+    def _free_inputs(self, node: Node) -> None:
+        for ref in set(node.refs()):
+            if self.last_user.get(ref) == node.id and ref not in self.keep:
+                self.env.pop(ref, None)
+
+    # --- limits ------------------------------------------------------------
+
+    def _check_size(self, node: Node, value: Any) -> None:
+        def check(leaf: Any) -> None:
+            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.limits.max_numel:
+                raise BudgetError(
+                    f"node %{node.id} produced {leaf.numel()} elements, above the limit of {self.limits.max_numel}",
+                    node.source,
+                )
+
+        map_leaves(value, check)
+
+    def _check_operands(self, name: str, args: tuple) -> None:
+        for arg in args:
+            if not isinstance(arg, (torch.Tensor, int, float, bool)):
+                raise TypeError(f"operator {name} takes tensors and numbers, got {type(arg).__name__}")
+        if name == "pow" and len(args) == 2 and all(isinstance(arg, int) for arg in args):
+            if abs(args[1]) > self.limits.max_int_exponent:
+                raise BudgetError(f"integer power with exponent {args[1]} is above the limit of "
+                                  f"{self.limits.max_int_exponent}")
+
+    def _check_creation(self, name: str, args: tuple, kwargs: dict) -> None:
+        if name == "torch.arange":
+            numbers = [arg for arg in args if isinstance(arg, (int, float))]
+            span = abs(numbers[1] - numbers[0]) if len(numbers) >= 2 else abs(numbers[0]) if numbers else 0
+            step = abs(numbers[2]) if len(numbers) >= 3 else 1
+            numel = span / step if step else float("inf")
+        else:
+            shape = args[0] if args and isinstance(args[0], (tuple, list)) else [
+                arg for arg in (args[:-1] if name == "torch.full" else args) if isinstance(arg, int)
+            ]
+            numel = 1
+            for size in shape:
+                if not isinstance(size, int) or size < 0:
+                    raise ValueError(f"{name} needs non-negative int sizes, got {size!r}")
+                numel *= size
+        if numel > self.limits.max_numel:
+            raise BudgetError(f"{name} would create {numel:.0f} elements, above the limit of {self.limits.max_numel}")
+
+
+def _snapshot(value: Any) -> Any:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+def _require_tensor(value: Any, action: str) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"can only {action} a tensor, got {type(value).__name__}")
+
+
+def _last_users(nodes: list[Node]) -> dict[int, int]:
+    last_user: dict[int, int] = {}
+    for node in nodes:
+        for ref in node.refs():
+            last_user[ref] = node.id
+    return last_user

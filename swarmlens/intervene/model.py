@@ -1,0 +1,147 @@
+"""TracedModel: what the local executor and the swarm client have in common.
+
+It mirrors the Hugging Face module tree through envoys, opens traces, turns
+prompts into token ids, and checks and schedules a graph before a backend
+runs it.
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from swarmlens.intervene.envoy import Envoy
+from swarmlens.intervene.errors import TraceError
+from swarmlens.intervene.graph import Graph
+from swarmlens.intervene.partition import Partition, partition
+from swarmlens.intervene.schedule import schedule
+from swarmlens.intervene.sites import Architecture, SiteOrder
+from swarmlens.intervene.tracer import GenerationConfig, Tracer
+from swarmlens.intervene.validate import validate
+
+
+@dataclasses.dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # [batch, tokens]
+    attention_mask: torch.Tensor  # [batch, tokens], 1 for real tokens, 0 for padding
+    position_ids: torch.Tensor  # [batch, tokens], counted from the first real token
+
+
+@dataclasses.dataclass
+class RunResult:
+    logits: torch.Tensor  # [batch, tokens, vocab]
+    saved: dict[int, Any]  # SAVE node id -> value
+    partition: Partition | None = None  # where each node ran
+    hops: list[dict] = dataclasses.field(default_factory=list)  # per-peer report of a swarm run
+    transfer: dict = dataclasses.field(default_factory=dict)  # what the client sent and received
+    tokens: torch.Tensor | None = None  # generation only: [batch, prompt + new tokens]
+
+
+class TracedModel:
+    """Base of LocalModel and SwarmModel: `model.trace(prompt)` and module envoys."""
+
+    def __init__(self, skeleton: nn.Module, architecture: Architecture, tokenizer: Any):
+        self.skeleton = skeleton
+        self.architecture = architecture
+        self.tokenizer = tokenizer
+        self.config = skeleton.config
+        self.num_blocks = self.config.num_hidden_layers
+        self.site_order = SiteOrder.from_skeleton(skeleton, architecture, self.num_blocks)
+        self.envoy = Envoy(self, skeleton, "")
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"  # generation appends at the right end of every row
+        self._tracer: Tracer | None = None
+
+    # --- tracing -----------------------------------------------------------
+
+    def trace(self, inputs: Any) -> Tracer:
+        """Open a trace: `with model.trace("The capital of France is") as tracer: ...`."""
+        return Tracer(self, self.prepare_inputs(inputs))
+
+    def generate(self, inputs: Any, max_new_tokens: int = 16, *, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop_tokens: Sequence[int] | None = None) -> Tracer:
+        """Open a traced generation: `with model.generate(prompt, max_new_tokens=8) as tracer: ...`.
+
+        Greedy by default; `do_sample=True` samples with `temperature`, `top_k` and
+        `top_p`, repeatably for a given `seed`. `stop_tokens` defaults to the
+        tokenizer's end-of-sequence token; pass `[]` to always generate
+        `max_new_tokens`. The tokens come back in `tracer.output`.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if do_sample and (temperature <= 0 or not 0 < top_p <= 1 or top_k < 0):
+            raise ValueError("sampling needs temperature > 0, 0 < top_p <= 1 and top_k >= 0")
+        if stop_tokens is None:
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            stop_tokens = [] if eos is None else [eos]
+        config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed, tuple(stop_tokens))
+        return Tracer(self, self.prepare_inputs(inputs), config)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("envoy", "skeleton"):
+            raise AttributeError(name)
+        return getattr(self.envoy, name)
+
+    def _active_tracer(self) -> Tracer:
+        if self._tracer is None:
+            raise TraceError("module inputs and outputs exist only inside `with model.trace(...)`")
+        return self._tracer
+
+    def _enter_trace(self, tracer: Tracer) -> None:
+        if self._tracer is not None:
+            raise TraceError("a trace is already open on this model; nested traces are not supported")
+        self._tracer = tracer
+
+    def _exit_trace(self, tracer: Tracer) -> None:
+        self._tracer = None
+
+    def run_graph(self, graph: Graph, inputs: Any, generation: GenerationConfig | None = None) -> RunResult:
+        """Run a graph built elsewhere (for example by `load_graph`) on new inputs.
+
+        Saved values come back in `result.saved`, keyed by the SAVE node ids.
+        """
+        return self._run_graph(graph, self.prepare_inputs(inputs), generation)
+
+    # --- inputs ------------------------------------------------------------
+
+    def prepare_inputs(self, inputs: Any) -> ModelInputs:
+        """Accept a string, a list of strings, a tensor of token ids or a dict of them."""
+        if isinstance(inputs, ModelInputs):
+            return inputs
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
+            encoded = self.tokenizer(inputs, return_tensors="pt", padding=True)
+            input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+        elif isinstance(inputs, torch.Tensor):
+            input_ids = inputs if inputs.dim() == 2 else inputs.unsqueeze(0)
+            attention_mask = torch.ones_like(input_ids)
+        elif isinstance(inputs, dict) and "input_ids" in inputs:
+            input_ids = torch.as_tensor(inputs["input_ids"])
+            attention_mask = torch.as_tensor(inputs.get("attention_mask", torch.ones_like(input_ids)))
+        else:
+            raise TypeError(
+                "inputs must be a string, a list of strings, a tensor of token ids, or a dict with "
+                f"'input_ids' (and optionally 'attention_mask'); got {type(inputs).__name__}"
+            )
+        if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty [batch, tokens] integer tensor, got {tuple(input_ids.shape)}")
+        if input_ids.max() >= self.config.vocab_size or input_ids.min() < 0:
+            raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
+
+        attention_mask = attention_mask.to(torch.int64)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return ModelInputs(input_ids.to(torch.int64), attention_mask, position_ids)
+
+    # --- checking ----------------------------------------------------------
+
+    def plan(self, graph: Graph) -> Partition:
+        """Validate a graph against this model and partition it by location."""
+        validate(graph, self.site_order.index, self._callable_modules())
+        return partition(graph, schedule(graph, self.site_order), self.site_order)
+
+    def _callable_modules(self) -> set[str]:
+        return {module for module in self.site_order.modules if module != self.architecture.blocks}
+
+    def _run_graph(self, graph: Graph, inputs: ModelInputs, generation: GenerationConfig | None) -> RunResult:
+        raise NotImplementedError

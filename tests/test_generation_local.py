@@ -1,0 +1,85 @@
+"""Generation with the local executor against Hugging Face `generate` with hooks (no network)."""
+
+import pytest
+import torch
+
+from swarmlens.intervene import TraceError
+from tests.model_fixtures import checkpoint_path, hf_model, local_model, tokenizer  # noqa: F401
+
+PROMPTS = ["The capital of France is", "def add(a, b):"]
+
+
+def hf_generate(hf_model, tokenizer, prompts, max_new_tokens, hook=None, block=None):
+    tokenizer.padding_side = "left"
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    handle = hf_model.model.layers[block].register_forward_hook(hook) if hook else None
+    try:
+        with torch.no_grad():
+            return hf_model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                     temperature=None, top_k=None, top_p=None)
+    finally:
+        if handle:
+            handle.remove()
+
+
+def test_greedy_tokens_match_hf_generate(local_model, hf_model, tokenizer):
+    with local_model.generate(PROMPTS, max_new_tokens=6) as tracer:
+        pass
+    torch.testing.assert_close(tracer.output, hf_generate(hf_model, tokenizer, PROMPTS, 6), rtol=0, atol=0)
+
+
+def test_steering_every_step_matches_hook(local_model, hf_model, tokenizer):
+    steer = torch.linspace(-3, 3, 576)
+    with local_model.generate(PROMPTS[0], max_new_tokens=6) as tracer:
+        with tracer.all():
+            local_model.model.layers[8].output[:, -1] += steer
+
+    def hook(module, args, output):
+        output = output.clone()
+        output[:, -1] += steer
+        return output
+
+    expected = hf_generate(hf_model, tokenizer, [PROMPTS[0]], 6, hook=hook, block=8)
+    unsteered = hf_generate(hf_model, tokenizer, [PROMPTS[0]], 6)
+    torch.testing.assert_close(tracer.output, expected, rtol=0, atol=0)
+    assert not torch.equal(expected, unsteered)
+
+
+def test_per_step_saves_are_lists_in_step_order(local_model):
+    with local_model.generate(PROMPTS[0], max_new_tokens=4) as tracer:
+        with tracer.all():
+            hidden = local_model.model.layers[5].output.save()
+        with tracer.iter[1:3]:
+            middle = local_model.model.layers[5].output.save()
+        prompt_only = local_model.model.layers[5].output.save()
+    prompt_length = tracer.output.shape[1] - 4
+    assert [value.shape[1] for value in hidden.value] == [prompt_length, 1, 1, 1]
+    assert len(middle.value) == 2
+    torch.testing.assert_close(middle.value[0], hidden.value[1])
+    torch.testing.assert_close(middle.value[1], hidden.value[2])
+    torch.testing.assert_close(prompt_only.value, hidden.value[0])
+
+
+def test_next_moves_sites_to_next_step(local_model):
+    with local_model.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+        first = local_model.model.layers[2].output.save()
+        tracer.next()
+        second = local_model.model.layers[2].output.save()
+    assert first.value.shape[1] > 1
+    assert second.value.shape[1] == 1
+
+
+def test_step_value_used_outside_block_is_rejected(local_model):
+    with pytest.raises(TraceError, match="inside a step block"):
+        with local_model.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            with tracer.all():
+                hidden = local_model.model.layers[2].output
+            hidden.save()
+
+
+def test_step_out_of_range_is_rejected(local_model):
+    with pytest.raises(TraceError, match="out of range"):
+        with local_model.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            with tracer.iter[5]:
+                pass

@@ -1,0 +1,113 @@
+"""The local executor against plain Hugging Face forwards and hooks (no network).
+
+Tolerance: the executor runs the same float32 ops as a plain forward, so values
+agree to 1e-5 absolute (observed: bit-identical).
+"""
+
+import torch
+
+from tests.model_fixtures import checkpoint_path, hf_model, local_model, tokenizer  # noqa: F401
+
+ATOL = 1e-5
+PROMPT = "The capital of France is"
+
+
+def hf_forward(hf_model, tokenizer, prompt, **kwargs):
+    encoded = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        return hf_model(**encoded, **kwargs)
+
+
+def test_empty_trace_logits_match_hf(local_model, hf_model, tokenizer):
+    with local_model.trace(PROMPT) as tracer:
+        pass
+    expected = hf_forward(hf_model, tokenizer, PROMPT).logits
+    torch.testing.assert_close(tracer.logits, expected, atol=ATOL, rtol=0)
+
+
+def test_saved_block_outputs_match_hidden_states(local_model, hf_model, tokenizer):
+    with local_model.trace(PROMPT):
+        saved = [block.output.save() for block in local_model.model.layers]
+    hidden_states = hf_forward(hf_model, tokenizer, PROMPT, output_hidden_states=True).hidden_states
+
+    # hidden_states[i + 1] is block i's output, except the last, which has the final norm applied.
+    for index in range(len(saved) - 1):
+        torch.testing.assert_close(saved[index].value, hidden_states[index + 1], atol=ATOL, rtol=0)
+    with torch.no_grad():
+        normed = hf_model.model.norm(saved[-1].value)
+    torch.testing.assert_close(normed, hidden_states[-1], atol=ATOL, rtol=0)
+
+
+def test_slice_edit_matches_forward_hook(local_model, hf_model, tokenizer):
+    block = 12
+    with local_model.trace(PROMPT) as tracer:
+        local_model.model.layers[block].output[:, -1] = local_model.model.layers[block].output[:, -1] * 3.0
+
+    def hook(module, args, output):
+        output = output.clone()
+        output[:, -1] = output[:, -1] * 3.0
+        return output
+
+    handle = hf_model.model.layers[block].register_forward_hook(hook)
+    try:
+        expected = hf_forward(hf_model, tokenizer, PROMPT).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(tracer.logits, expected, atol=ATOL, rtol=0)
+    assert not torch.allclose(tracer.logits, hf_forward(hf_model, tokenizer, PROMPT).logits, atol=1e-3)
+
+
+def test_whole_output_assignment_and_input_read(local_model, hf_model, tokenizer):
+    with local_model.trace(PROMPT) as tracer:
+        mlp_input = local_model.model.layers[4].mlp.input.save()
+        local_model.model.layers[4].mlp.output = local_model.model.layers[4].mlp.output * 0
+    captured = {}
+
+    def pre_hook(module, args):
+        captured["input"] = args[0].clone()
+
+    def hook(module, args, output):
+        return output * 0
+
+    handles = [hf_model.model.layers[4].mlp.register_forward_pre_hook(pre_hook),
+               hf_model.model.layers[4].mlp.register_forward_hook(hook)]
+    try:
+        expected = hf_forward(hf_model, tokenizer, PROMPT).logits
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(mlp_input.value, captured["input"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(tracer.logits, expected, atol=ATOL, rtol=0)
+
+
+def test_logit_lens_module_calls_match_manual_projection(local_model, hf_model):
+    with local_model.trace(PROMPT):
+        hidden = local_model.model.layers[10].output.save()
+        projected = local_model.lm_head(local_model.model.norm(hidden)).save()
+    with torch.no_grad():
+        expected = hf_model.lm_head(hf_model.model.norm(hidden.value))
+    torch.testing.assert_close(projected.value, expected, atol=ATOL, rtol=0)
+
+
+def test_save_is_a_snapshot_before_later_edits(local_model):
+    with local_model.trace(PROMPT):
+        before = local_model.model.layers[6].output.save()
+        local_model.model.layers[6].output[:, -1] = 0.0
+        after = local_model.model.layers[6].output.save()
+    assert before.value[:, -1].abs().sum() > 0
+    assert after.value[:, -1].abs().sum() == 0
+    torch.testing.assert_close(before.value[:, :-1], after.value[:, :-1])
+
+
+def test_torch_functions_and_operators_record(local_model):
+    with local_model.trace(PROMPT):
+        hidden = local_model.model.layers[3].output
+        stacked = torch.stack([hidden[:, -1], hidden[:, 0]], dim=0).save()
+        mixed = (2 * hidden[:, -1] - hidden[:, 0] / 4).abs().mean(dim=-1).save()
+        top = hidden[0, -1].softmax(-1).topk(3).save()
+    assert stacked.value.shape == (2, 1, 576)
+    h = stacked.value
+    torch.testing.assert_close(mixed.value, (2 * h[0] - h[1] / 4).abs().mean(dim=-1))
+    values, indices = top.value  # named tuples come back as plain tuples, as from the swarm
+    assert indices.shape == (3,)
+    assert values[0] >= values[1] >= values[2]
