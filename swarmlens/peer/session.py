@@ -1,0 +1,186 @@
+"""Inference sessions on a peer: a KV cache and a subgraph kept for all steps of a generation.
+
+The client opens a session on the first peer of a chain, which opens one on
+the next, and so on; each stream stays open for the whole generation. The
+subgraphs travel once, in the open message. Each step sends only the new
+tokens' hidden states and the values the chain needs. Everything a session
+holds is freed when its stream ends, for whatever reason.
+"""
+
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+import torch
+from transformers import DynamicCache
+
+from swarmlens.intervene.errors import ExecutionError
+from swarmlens.intervene.interpreter import Interpreter
+from swarmlens.peer.errors import InvalidResponseError, PeerTimeoutError, PeerUnreachableError, RemoteError
+from swarmlens.peer.protocol import ForwardResponse, SessionOpen, SessionStep
+from swarmlens.peer.session_stream import read_request, read_response, write_error, write_request, write_response
+
+if TYPE_CHECKING:
+    from swarmlens.peer.runner import BlockRunner
+
+logger = logging.getLogger(__name__)
+
+OpenStream = Callable[[str], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+
+class SessionCapacityError(RuntimeError):
+    """The peer's sessions already hold as much memory as it allows; try another peer or later."""
+
+
+class InferenceSession:
+    """One generation's state on this peer: KV cache, interpreter and step counter."""
+
+    def __init__(self, runner: "BlockRunner", opened: SessionOpen):
+        self.runner = runner
+        self.batch_size = opened.batch_size
+        self.max_length = opened.max_length
+        own = [node for node in opened.nodes if runner.block_of_node(opened.at, node) < runner.end]
+        runner.validate_nodes(own, opened.at, max_step=max(opened.keep_after, default=0))
+        self.keep_after = {step: by_block.get(runner.end - 1, []) for step, by_block in opened.keep_after.items()}
+        keep = {node_id for ids in self.keep_after.values() for node_id in ids}
+        self.interpreter = Interpreter(own, opened.at, runner.modules, keep=keep, limits=runner.limits.graph)
+        self.cache = DynamicCache(config=runner.config)
+        self.num_nodes = len(own)
+        self.next_step = 0
+        self.past_tokens = 0
+
+    def run_step(self, message: SessionStep) -> tuple[torch.Tensor, dict, dict]:
+        """Run this peer's blocks for one step; return hidden states, carried values and a report."""
+        if message.step != self.next_step:
+            raise ValueError(f"expected step {self.next_step}, got step {message.step}; steps run in order")
+        batch, tokens, _ = message.hidden_states.shape
+        if batch != self.batch_size or self.past_tokens + tokens > self.max_length:
+            raise ValueError(f"step of shape [{batch}, {tokens}] does not fit the session opened for batch "
+                             f"{self.batch_size} and {self.max_length} tokens ({self.past_tokens} used)")
+        self.runner.check_inputs(message.hidden_states, message.attention_mask, message.position_ids,
+                                 past_tokens=self.past_tokens)
+
+        interpreter = self.interpreter
+        interpreter.env.update(message.values)
+        interpreter.step = message.step
+        with interpreter.hooks():
+            hidden = self.runner._forward(message.hidden_states, message.attention_mask, message.position_ids,
+                                          cache=self.cache)
+        interpreter.check_done(steps=message.step + 1)
+
+        values = interpreter.take(self.keep_after.get(message.step, []))
+        self.next_step += 1
+        self.past_tokens += tokens
+        report = {"start": self.runner.start, "end": self.runner.end, "step": message.step,
+                  "received": sorted(message.values), "sent": sorted(values)}
+        return hidden, values, report
+
+    def nbytes(self) -> int:
+        """Upper bound of the KV cache's size for the whole session, in bytes."""
+        return session_nbytes(self.runner, self.batch_size, self.max_length)
+
+
+def session_nbytes(runner: "BlockRunner", batch_size: int, max_length: int) -> int:
+    config = runner.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_key_value_heads * head_dim * torch.empty((), dtype=config.dtype).element_size()
+    return batch_size * max_length * (runner.end - runner.start) * per_token
+
+
+async def serve_session(runner: "BlockRunner", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        remote_peer_id: str, own_peer_id: str, open_stream: OpenStream) -> None:
+    """Serve one session stream from its open message to its end; free everything after."""
+    limits = runner.limits
+    downstream = None
+    reserved = None
+    began = time.perf_counter()
+    steps = 0
+    try:
+        data = await asyncio.wait_for(read_request(reader, limits.max_request_bytes), limits.session_idle_timeout)
+        if data is None:
+            return
+        opened = SessionOpen.decode(data, limits.max_request_bytes)
+        runner.check_chain(opened.chain, opened.nodes, opened.at)
+        reserved = runner.reserve_session_bytes(session_nbytes(runner, opened.batch_size, opened.max_length))
+        session = InferenceSession(runner, opened)
+        downstream = await _open_downstream(runner, opened, open_stream)
+        await write_response(writer, b"")
+        logger.info("session %d:%d from %s opened: batch %d, up to %d tokens, %d nodes", runner.start, runner.end,
+                    remote_peer_id[-6:], opened.batch_size, opened.max_length, session.num_nodes)
+
+        while True:
+            data = await asyncio.wait_for(read_request(reader, limits.max_request_bytes), limits.session_idle_timeout)
+            if data is None:
+                break
+            response = await _run_step(runner, session, SessionStep.decode(data, limits.max_request_bytes),
+                                       downstream, own_peer_id)
+            await write_response(writer, response.encode())
+            steps += 1
+    except Exception as error:  # noqa: BLE001 - every session error goes back to the caller, then the session ends
+        logger.warning("session %d:%d from %s failed after %d steps: %s: %s", runner.start, runner.end,
+                       remote_peer_id[-6:], steps, type(error).__name__, error)
+        await _send_error_quietly(writer, _remote_error(error, own_peer_id), own_peer_id)
+    finally:
+        if downstream is not None:
+            downstream[1].close()
+        if reserved is not None:
+            runner.release_session_bytes(reserved)
+        logger.info("session %d:%d from %s closed after %d steps, %.1f s", runner.start, runner.end,
+                    remote_peer_id[-6:], steps, time.perf_counter() - began)
+
+
+async def _open_downstream(runner: "BlockRunner", opened: SessionOpen, open_stream: OpenStream):
+    following = opened.chain[1:]
+    if not following:
+        return None
+    peer_id = following[0].peer_id
+    try:
+        reader, writer = await open_stream(peer_id)
+        message = dataclasses.replace(
+            opened,
+            chain=following,
+            nodes=[node for node in opened.nodes if runner.block_of_node(opened.at, node) >= runner.end],
+            keep_after={step: {block: ids for block, ids in by_block.items() if block >= runner.end}
+                        for step, by_block in opened.keep_after.items()},
+        )
+        await write_request(writer, message.encode())
+        await read_response(reader, peer_id, runner.limits.max_response_bytes)
+    except (PeerUnreachableError, PeerTimeoutError, InvalidResponseError, ConnectionError, OSError) as error:
+        raise RemoteError(type(error).__name__, f"cannot open a session on peer {peer_id}: {error}", peer_id) from error
+    return reader, writer, peer_id
+
+
+async def _run_step(runner: "BlockRunner", session: InferenceSession, message: SessionStep, downstream,
+                    own_peer_id: str) -> ForwardResponse:
+    began = time.perf_counter()
+    loop = asyncio.get_running_loop()
+    hidden, values, report = await loop.run_in_executor(runner._executor, session.run_step, message)
+    report.update(peer_id=own_peer_id, compute_ms=round((time.perf_counter() - began) * 1000, 2))
+    if downstream is None:
+        return ForwardResponse(hidden, values, [report])
+
+    reader, writer, peer_id = downstream
+    following = SessionStep(message.step, hidden, message.attention_mask, message.position_ids, values)
+    try:
+        await write_request(writer, following.encode())
+        data = await read_response(reader, peer_id, runner.limits.max_response_bytes)
+    except (PeerUnreachableError, InvalidResponseError, ConnectionError, OSError) as error:
+        raise RemoteError(type(error).__name__, str(error), peer_id) from error
+    response = ForwardResponse.decode(data, runner.limits.max_response_bytes)
+    response.hops.insert(0, report)
+    return response
+
+
+def _remote_error(error: Exception, own_peer_id: str) -> Exception:
+    if isinstance(error, ExecutionError):
+        return RemoteError(error.original_type or "ExecutionError", str(error), own_peer_id)
+    return error
+
+
+async def _send_error_quietly(writer: asyncio.StreamWriter, error: Exception, own_peer_id: str) -> None:
+    try:
+        await write_error(writer, error, own_peer_id)
+    except (ConnectionError, OSError) as send_error:
+        logger.debug("could not send the session error to the caller: %s", send_error)

@@ -1,0 +1,68 @@
+"""Frames of a long-lived session stream, in the framing of `transport`.
+
+A session stream carries many frames in each direction: the caller sends
+`length | payload` frames, the callee answers each with `kind | length | body`,
+where kind RESPONSE_ERROR carries the same error map as a unary call.
+"""
+
+import asyncio
+
+from swarmlens.peer.errors import InvalidResponseError, PeerUnreachableError, RequestTooLargeError
+from swarmlens.peer.transport import (
+    BYTEORDER,
+    HEADER_LEN,
+    MAX_ERROR_FRAME_BYTES,
+    RESPONSE_ERROR,
+    RESPONSE_OK,
+    _parse_error_frame,
+    _send_error,
+    _send_frame,
+)
+
+SESSION_PROTOCOL = "swarmlens.session"
+
+
+async def read_request(reader: asyncio.StreamReader, max_bytes: int) -> bytes | None:
+    """Read one request frame; return None when the caller closed the stream."""
+    try:
+        header = await reader.readexactly(HEADER_LEN)
+    except asyncio.IncompleteReadError as error:
+        if error.partial:
+            raise
+        return None
+    length = int.from_bytes(header, BYTEORDER)
+    if length > max_bytes:
+        raise RequestTooLargeError(f"session frame of {length} bytes exceeds the limit of {max_bytes} bytes")
+    return await reader.readexactly(length)
+
+
+async def write_request(writer: asyncio.StreamWriter, payload: bytes) -> None:
+    writer.write(len(payload).to_bytes(HEADER_LEN, BYTEORDER))
+    writer.write(payload)
+    await writer.drain()
+
+
+async def write_response(writer: asyncio.StreamWriter, body: bytes) -> None:
+    await _send_frame(writer, RESPONSE_OK, body)
+
+
+async def write_error(writer: asyncio.StreamWriter, error: BaseException, own_peer_id: str) -> None:
+    await _send_error(writer, error, own_peer_id)
+
+
+async def read_response(reader: asyncio.StreamReader, peer_id: str, max_bytes: int) -> bytes:
+    """Read one response frame; raise RemoteError for an error frame."""
+    try:
+        header = await reader.readexactly(1 + HEADER_LEN)
+        kind, length = header[:1], int.from_bytes(header[1:], BYTEORDER)
+        if kind not in (RESPONSE_OK, RESPONSE_ERROR):
+            raise InvalidResponseError(f"peer {peer_id} sent an unknown response kind {kind!r}", peer_id)
+        limit = max_bytes if kind == RESPONSE_OK else MAX_ERROR_FRAME_BYTES
+        if length > limit:
+            raise InvalidResponseError(f"peer {peer_id} announced {length} bytes, over the limit of {limit}", peer_id)
+        body = await reader.readexactly(length)
+    except (asyncio.IncompleteReadError, ConnectionError, OSError) as error:
+        raise PeerUnreachableError(peer_id, "the session stream closed before a full response arrived") from error
+    if kind == RESPONSE_ERROR:
+        raise _parse_error_frame(body, peer_id)
+    return body
