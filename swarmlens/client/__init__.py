@@ -1,0 +1,5 @@
+"""What a researcher imports: SwarmModel, a model whose blocks run on swarm peers."""
+
+from swarmlens.client.model import SwarmModel
+
+__all__ = ["SwarmModel"]
