@@ -15,6 +15,7 @@ from swarmlens.client.connection import SwarmConnection
 from swarmlens.client.generation import generate
 from swarmlens.intervene.tracer import GenerationConfig
 from swarmlens.peer.errors import InvalidResponseError, PeerTimeoutError, PeerUnreachableError, RemoteError
+from swarmlens.intervene.errors import StopForward
 from swarmlens.intervene.graph import Graph
 from swarmlens.intervene.interpreter import Interpreter
 from swarmlens.intervene.model import ModelInputs, RunResult, TracedModel
@@ -28,19 +29,20 @@ class SwarmModel(TracedModel):
     """A causal LM whose blocks run on swarm peers; `with model.trace(prompt):` as in NNsight."""
 
     def __init__(self, checkpoint_path: str, connection_factory, skeleton: nn.Module, tokenizer: Any,
-                 model_id: str):
-        super().__init__(skeleton, architecture_for(skeleton.config.model_type), tokenizer)
+                 model_id: str, rename: dict[str, str] | None = None):
+        super().__init__(skeleton, architecture_for(skeleton.config.model_type), tokenizer, rename)
         self.model_id = model_id
         self._client_modules = _materialize_client_modules(skeleton, checkpoint_path, self.architecture)
         self.connection = connection_factory(model_id, self.num_blocks)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | None = None, *, initial_peers: Sequence[str],
-                        **connection_options) -> "SwarmModel":
+                        rename: dict[str, str] | None = None, **connection_options) -> "SwarmModel":
         """Load the client's part of a model and join the swarm at `initial_peers`.
 
         `name_or_path` is None for the default model or a local Hugging Face checkpoint
-        folder; the DHT model id is the folder name, as peers announce it.
+        folder; the DHT model id is the folder name, as peers announce it. `rename`
+        maps module paths or names to aliases, e.g. {"model.layers": "blocks"}.
         """
         from swarmlens.checkpoint import load_config, load_tokenizer, model_id, resolve_checkpoint
         from swarmlens.checkpoint.architecture import build_meta_skeleton
@@ -51,7 +53,7 @@ class SwarmModel(TracedModel):
         def connect(model: str, num_blocks: int) -> SwarmConnection:
             return SwarmConnection(initial_peers, model, num_blocks, **connection_options)
 
-        return cls(str(path), connect, skeleton, load_tokenizer(path), model_id(path))
+        return cls(str(path), connect, skeleton, load_tokenizer(path), model_id(path), rename)
 
     def close(self) -> None:
         self.connection.close()
@@ -73,8 +75,11 @@ class SwarmModel(TracedModel):
         keep = set(graph.saved()) | plan.client_keep()
         interpreter = Interpreter(client_nodes, plan.at, self._client_modules, keep=keep)
 
-        with torch.no_grad(), interpreter.hooks():
-            hidden = self._client_modules[self.architecture.embeddings](inputs.input_ids)
+        try:
+            with torch.no_grad(), interpreter.hooks():
+                hidden = self._client_modules[self.architecture.embeddings](inputs.input_ids)
+        except StopForward:
+            return RunResult(None, interpreter.take(graph.saved()), plan)
         sent = interpreter.take(plan.keep_after[0][-1])
 
         remote_nodes = plan.nodes_for_span(0, last)
@@ -88,9 +93,14 @@ class SwarmModel(TracedModel):
         response, transfer = self.connection.forward(build, num_tokens=inputs.input_ids.numel())
         interpreter.env.update(response.values)
 
-        with torch.no_grad(), interpreter.hooks():
-            normed = self._client_modules[self.architecture.final_norm](response.hidden_states)
-            logits = self._client_modules[self.architecture.lm_head](normed)
+        logits = None
+        if not response.stopped:
+            try:
+                with torch.no_grad(), interpreter.hooks():
+                    normed = self._client_modules[self.architecture.final_norm](response.hidden_states)
+                    logits = self._client_modules[self.architecture.lm_head](normed)
+            except StopForward:
+                pass
         interpreter.check_done()
 
         transfer.update(sent_values=sorted(sent), received_values=sorted(response.values))

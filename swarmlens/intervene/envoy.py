@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from swarmlens.intervene.errors import InvalidGraphError, TraceError
-from swarmlens.intervene.graph import INPUT, OUTPUT, Site
+from swarmlens.intervene.graph import INPUT, INPUTS, OUTPUT, Site
 from swarmlens.intervene.ops import Op, suggest
 from swarmlens.intervene.proxy import Proxy, user_source
 
@@ -36,6 +36,8 @@ class Envoy:
         if name.startswith("__"):
             raise AttributeError(name)
         child = self._module._modules.get(name)
+        if child is None and name in self._model.aliases:
+            return self._alias(name)
         if child is None:
             names = list(self._module._modules)
             raise ModulePathError(
@@ -44,6 +46,18 @@ class Envoy:
                 user_source(),
             )
         return self._child(name, child)
+
+    def _alias(self, alias: str) -> "Envoy":
+        real = self._model.aliases[alias]
+        if "." not in real and real in self._module._modules:
+            return self._child(real, self._module._modules[real])
+        if "." in real and not self._path:
+            envoy = self
+            for part in real.split("."):
+                envoy = envoy._child(part, envoy._module._modules[part])
+            return envoy
+        raise ModulePathError(f"alias {alias!r} ({real!r}) does not apply to module {self._describe()}",
+                              user_source())
 
     def __getitem__(self, index: int) -> "Envoy":
         if not isinstance(self._module, (nn.ModuleList, nn.Sequential)):
@@ -94,9 +108,18 @@ class Envoy:
     def input(self, value: Any) -> None:
         self._model._active_tracer().record(Op.WRITE, None, (value,), site=self._site(INPUT))
 
+    @property
+    def inputs(self) -> Proxy:
+        """All arguments of the call: (args tuple, kwargs dict of tensors, numbers and strings)."""
+        return self._model._active_tracer().record(Op.READ, site=self._site(INPUTS))
+
+    @inputs.setter
+    def inputs(self, value: Any) -> None:
+        self._model._active_tracer().record(Op.WRITE, None, (value,), site=self._site(INPUTS))
+
     def _site(self, kind: str) -> Site:
         order = self._model.site_order
-        if (self._path, kind) not in order.index:
+        if (self._path, OUTPUT if kind == OUTPUT else INPUT) not in order.index:
             client = ", ".join(order.architecture.client_modules())
             raise ModulePathError(
                 f"module {self._describe()} has no {kind} site: sites exist on the decoder blocks "
@@ -107,10 +130,14 @@ class Envoy:
         return Site(self._path, kind, self._model._active_tracer().site_step())
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("output", "input"):
+        if name in ("output", "input", "inputs"):
             object.__setattr__(self, name, value)
             return
         raise TraceError(f"cannot set {name!r} on module {self._describe()}; assign .output or .input", user_source())
+
+    def skip(self, output: Any) -> None:
+        """Do not run this module; use `output` as its output (its output hooks still see it)."""
+        self._model._active_tracer().record(Op.SKIP, None, (output,), site=self._site(INPUT))
 
     # --- calls -------------------------------------------------------------
 

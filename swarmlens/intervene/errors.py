@@ -33,5 +33,9 @@ class ExecutionError(InterventionError):
         super().__init__(message, source)
 
 
+class StopForward(Exception):
+    """Raised by a STOP node to end the forward pass; executors catch it. Not an error."""
+
+
 class BudgetError(InvalidGraphError):
     """A graph asks for more nodes, memory or compute than the executor allows."""

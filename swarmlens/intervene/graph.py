@@ -11,9 +11,11 @@ import torch
 
 from swarmlens.intervene.ops import Op
 
-INPUT = "input"
+INPUT = "input"  # the first argument of a module call
+INPUTS = "inputs"  # all arguments: (args tuple, kwargs dict), read at the same event as INPUT
 OUTPUT = "output"
-SITE_KINDS = (INPUT, OUTPUT)
+SITE_KINDS = (INPUT, INPUTS, OUTPUT)
+EVENT_KINDS = (INPUT, OUTPUT)  # hook events: before (input) and after (output) a module call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +25,11 @@ class Site:
     module: str  # module path as in the Hugging Face tree, e.g. "model.layers.3.mlp"
     kind: str  # INPUT (first argument) or OUTPUT
     step: int = 0  # generation step; 0 for a single forward
+
+    @property
+    def event_kind(self) -> str:
+        """The hook event at which this site exists: INPUT for both input sites, else OUTPUT."""
+        return OUTPUT if self.kind == OUTPUT else INPUT
 
     def __str__(self) -> str:
         step = f"@{self.step}" if self.step else ""

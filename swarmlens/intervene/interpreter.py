@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from swarmlens.intervene import ops
-from swarmlens.intervene.errors import BudgetError, ExecutionError, InterventionError
-from swarmlens.intervene.graph import INPUT, Node, Ref, map_leaves
+from swarmlens.intervene.errors import BudgetError, ExecutionError, InterventionError, StopForward
+from swarmlens.intervene.graph import INPUT, INPUTS, Node, Ref, iter_leaves, map_leaves
 from swarmlens.intervene.ops import Op
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,10 @@ class Interpreter:
         self.step = 0
         self.last_user = _last_users(self.nodes)
         self._site_value: Any = None
+        self._site_inputs: tuple[tuple, dict] | None = None  # (args, kwargs) during an input event
         self._suspended = False
+        self._skip_outputs: dict[nn.Module, Any] = {}
+        self.stopped = False
 
     # --- hooks -------------------------------------------------------------
 
@@ -58,6 +61,10 @@ class Interpreter:
         """Attach hooks for every pending event on the modules this interpreter holds."""
         handles = []
         try:
+            skipped = {node.site.module for nodes in self.pending.values() for node in nodes if node.op is Op.SKIP}
+            for module_path in skipped:
+                if module_path in self.modules:
+                    handles.append(_SkippableForward(self.modules[module_path], self._skip_outputs))
             for module_path, kind in {(module_path, kind) for module_path, kind, _ in self.pending}:
                 module = self.modules.get(module_path)
                 if module is None:
@@ -77,12 +84,13 @@ class Interpreter:
         def hook(module, args, kwargs):
             if self._suspended:
                 return None
+            self._site_inputs = (tuple(args), dict(kwargs))
+            value = self.run_event(module_path, INPUT, args[0] if args else next(iter(kwargs.values())))
+            args, kwargs = self._site_inputs
+            self._site_inputs = None
             if args:
-                value = self.run_event(module_path, INPUT, args[0])
                 return (value, *args[1:]), kwargs
-            key = next(iter(kwargs))
-            value = self.run_event(module_path, INPUT, kwargs[key])
-            return args, {**kwargs, key: value}
+            return args, {**kwargs, next(iter(kwargs)): value}
 
         return hook
 
@@ -103,6 +111,9 @@ class Interpreter:
             return value
         self._site_value = value
         for node in nodes:
+            if node.op is Op.STOP:
+                self.stopped = True
+                raise StopForward()
             self._run_node(node)
         value, self._site_value = self._site_value, None
         return value
@@ -138,7 +149,7 @@ class Interpreter:
                 original_type=type(error).__name__,
             ) from error
 
-        if node.op not in (Op.WRITE, Op.SETITEM):
+        if node.op not in (Op.WRITE, Op.SETITEM, Op.SKIP):
             self._check_size(node, result)
             self.env[node.id] = result
         self._free_inputs(node)
@@ -148,13 +159,21 @@ class Interpreter:
         kwargs = self._resolve(node.kwargs)
         op = node.op
 
+        if op is Op.READ and node.site.kind == INPUTS:
+            return self._read_inputs()
         if op is Op.READ:
             return self._site_value
+        if op is Op.WRITE and node.site.kind == INPUTS:
+            self._write_inputs(args[0])
+            return None
         if op is Op.WRITE:
             self._site_value = args[0]
             return None
         if op is Op.SAVE:
             return map_leaves(args[0], _snapshot)
+        if op is Op.SKIP:
+            self._skip_outputs[self.modules[node.site.module]] = args[0]
+            return None
         if op is Op.GETITEM:
             return args[0][args[1]]
         if op is Op.SETITEM:
@@ -179,6 +198,20 @@ class Interpreter:
         if op is Op.CALL_MODULE:
             return self._call_module(node.target, args, kwargs)
         raise ExecutionError(f"node %{node.id} has unknown op {op!r}", node.source, original_type="ExecutionError")
+
+    def _read_inputs(self) -> tuple:
+        args, kwargs = self._site_inputs
+        if args:
+            args = (self._site_value, *args[1:])
+        plain = {key: value for key, value in kwargs.items() if _is_plain(value)}
+        return args, plain
+
+    def _write_inputs(self, value: Any) -> None:
+        if not (isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[1], dict)):
+            raise TypeError("assign .inputs a pair (args, kwargs); kwargs replace only the keys they name")
+        args, kwargs = tuple(value[0]), {**self._site_inputs[1], **value[1]}
+        self._site_inputs = (args, kwargs)
+        self._site_value = args[0] if args else next(iter(kwargs.values()))
 
     def _call_module(self, module_path: str, args: tuple, kwargs: dict) -> Any:
         module = self.modules.get(module_path)
@@ -243,6 +276,36 @@ class Interpreter:
                 numel *= size
         if numel > self.limits.max_numel:
             raise BudgetError(f"{name} would create {numel:.0f} elements, above the limit of {self.limits.max_numel}")
+
+
+class _SkippableForward:
+    """Replaces a module's forward for the length of a run, returning a SKIP node's value when set.
+
+    Has the `remove()` of a hook handle, so `Interpreter.hooks` restores the module with its hooks.
+    """
+
+    def __init__(self, module: nn.Module, skip_outputs: dict[nn.Module, Any]):
+        self.module = module
+        self.saved = module.__dict__.get("forward")
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            if module in skip_outputs:
+                return skip_outputs.pop(module)
+            return original(*args, **kwargs)
+
+        module.forward = forward
+
+    def remove(self) -> None:
+        if self.saved is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.saved
+
+
+def _is_plain(value: Any) -> bool:
+    """True for values a graph can hold: tensors, numbers, strings, None and nestings of them."""
+    return all(isinstance(leaf, (torch.Tensor, int, float, bool, str, type(None))) for leaf in iter_leaves(value))
 
 
 def _snapshot(value: Any) -> Any:

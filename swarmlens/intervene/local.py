@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from swarmlens.intervene.errors import StopForward
 from swarmlens.intervene.graph import Graph
 from swarmlens.intervene.interpreter import Interpreter
 from swarmlens.intervene.model import ModelInputs, RunResult, TracedModel
@@ -20,18 +21,18 @@ from swarmlens.intervene.tracer import GenerationConfig
 class LocalModel(TracedModel):
     """Wrap a Hugging Face causal LM so that `model.trace(...)` runs in this process."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any):
+    def __init__(self, model: nn.Module, tokenizer: Any, rename: dict[str, str] | None = None):
         model.eval()
-        super().__init__(_meta_skeleton(model), architecture_for(model.config.model_type), tokenizer)
+        super().__init__(_meta_skeleton(model), architecture_for(model.config.model_type), tokenizer, rename)
         self.hf_model = model
         self._modules = dict(model.named_modules())
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | None = None) -> "LocalModel":
+    def from_pretrained(cls, name_or_path: str | None = None, rename: dict[str, str] | None = None) -> "LocalModel":
         from swarmlens.checkpoint import load_reference_model, load_tokenizer, resolve_checkpoint
 
         path = resolve_checkpoint(name_or_path)
-        return cls(load_reference_model(path), load_tokenizer(path))
+        return cls(load_reference_model(path), load_tokenizer(path), rename)
 
     def _run_graph(self, graph: Graph, inputs: ModelInputs, generation: GenerationConfig | None) -> RunResult:
         plan = self.plan(graph)
@@ -39,15 +40,19 @@ class LocalModel(TracedModel):
         if generation is not None:
             return self._generate(graph, inputs, generation, plan, interpreter)
 
-        with torch.no_grad(), interpreter.hooks():
-            output = self.hf_model(
-                input_ids=inputs.input_ids,
-                attention_mask=inputs.attention_mask,
-                position_ids=inputs.position_ids,
-                use_cache=False,
-            )
+        logits = None
+        try:
+            with torch.no_grad(), interpreter.hooks():
+                logits = self.hf_model(
+                    input_ids=inputs.input_ids,
+                    attention_mask=inputs.attention_mask,
+                    position_ids=inputs.position_ids,
+                    use_cache=False,
+                ).logits
+        except StopForward:
+            pass
         interpreter.check_done()
-        return RunResult(output.logits, interpreter.take(graph.saved()), plan)
+        return RunResult(logits, interpreter.take(graph.saved()), plan)
 
     def _generate(self, graph: Graph, inputs: ModelInputs, generation: GenerationConfig, plan,
                   interpreter: Interpreter) -> RunResult:

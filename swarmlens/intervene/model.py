@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from swarmlens.intervene.envoy import Envoy
-from swarmlens.intervene.errors import TraceError
-from swarmlens.intervene.graph import Graph
+from swarmlens.intervene.errors import StopForward, TraceError
+from swarmlens.intervene.graph import Graph, map_leaves
+from swarmlens.intervene.interpreter import Interpreter
 from swarmlens.intervene.partition import Partition, partition
 from swarmlens.intervene.schedule import schedule
 from swarmlens.intervene.sites import Architecture, SiteOrder
@@ -41,7 +42,9 @@ class RunResult:
 class TracedModel:
     """Base of LocalModel and SwarmModel: `model.trace(prompt)` and module envoys."""
 
-    def __init__(self, skeleton: nn.Module, architecture: Architecture, tokenizer: Any):
+    def __init__(self, skeleton: nn.Module, architecture: Architecture, tokenizer: Any,
+                 rename: dict[str, str] | None = None):
+        self.aliases = _check_aliases(skeleton, rename or {})
         self.skeleton = skeleton
         self.architecture = architecture
         self.tokenizer = tokenizer
@@ -52,12 +55,41 @@ class TracedModel:
         if tokenizer is not None:
             tokenizer.padding_side = "left"  # generation appends at the right end of every row
         self._tracer: Tracer | None = None
+        self._scan_model: nn.Module | None = None
 
     # --- tracing -----------------------------------------------------------
 
     def trace(self, inputs: Any) -> Tracer:
         """Open a trace: `with model.trace("The capital of France is") as tracer: ...`."""
         return Tracer(self, self.prepare_inputs(inputs))
+
+    def scan(self, inputs: Any) -> Tracer:
+        """Open a trace that runs on the meta device: shapes only, no weights, no network.
+
+        Saved values come back as meta tensors with the shapes the real run would
+        give, and a shape error raises here, naming the user's line, before any
+        request is sent.
+        """
+        return Tracer(self, self.prepare_inputs(inputs), scan=True)
+
+    def _scan_graph(self, graph: Graph, inputs: ModelInputs) -> RunResult:
+        plan = self.plan(graph)
+        if self._scan_model is None:
+            with torch.device("meta"):
+                self._scan_model = type(self.skeleton)(self.config).eval()
+        nodes = [dataclasses.replace(node, args=_to_meta(node.args), kwargs=_to_meta(node.kwargs))
+                 for node in graph.nodes]
+        interpreter = Interpreter(nodes, plan.at, dict(self._scan_model.named_modules()), keep=graph.saved())
+
+        logits = None
+        input_ids = torch.empty(inputs.input_ids.shape, dtype=torch.int64, device="meta")
+        try:
+            with torch.no_grad(), interpreter.hooks():
+                logits = self._scan_model(input_ids=input_ids).logits
+        except StopForward:
+            pass
+        interpreter.check_done()
+        return RunResult(logits, interpreter.take(graph.saved()), plan)
 
     def generate(self, inputs: Any, max_new_tokens: int = 16, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -145,3 +177,27 @@ class TracedModel:
 
     def _run_graph(self, graph: Graph, inputs: ModelInputs, generation: GenerationConfig | None) -> RunResult:
         raise NotImplementedError
+
+
+def _to_meta(value: Any) -> Any:
+    return map_leaves(value, lambda leaf: leaf.to("meta") if isinstance(leaf, torch.Tensor) else leaf)
+
+
+def _check_aliases(skeleton: nn.Module, rename: dict[str, str]) -> dict[str, str]:
+    """Return {alias: real} for `rename` given as {real module path or name: alias}.
+
+    A dotted path ("model.layers") becomes an attribute of the model root; a
+    single name ("self_attn") is an alias wherever a module of that name exists.
+    Graphs always record real paths, so peers never see aliases.
+    """
+    names = {path.rsplit(".", 1)[-1] for path, _ in skeleton.named_modules() if path}
+    paths = {path for path, _ in skeleton.named_modules() if path}
+    aliases = {}
+    for real, alias in rename.items():
+        if not alias.isidentifier():
+            raise ValueError(f"alias {alias!r} for {real!r} is not a valid Python identifier")
+        if real not in paths and real not in names:
+            raise ValueError(f"cannot rename {real!r}: the model has no module path or name {real!r}")
+        aliases[alias] = real
+    return aliases
+

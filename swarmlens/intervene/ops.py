@@ -11,6 +11,8 @@ tables and nowhere else, so a graph can never name arbitrary Python code.
 | READ        | -                      | () with a site            |
 | WRITE       | -                      | (value,) with a site      |
 | SAVE        | -                      | (value,)                  |
+| SKIP        | -                      | (output,) with an input site: the module does not run |
+| STOP        | -                      | (): end the forward pass once all earlier nodes ran |
 | GETITEM     | -                      | (container, index)        |
 | SETITEM     | -                      | (tensor, index, value)    |
 | GETATTR     | attribute name         | (value,)                  |
@@ -33,6 +35,8 @@ class Op(str, enum.Enum):
     READ = "read"  # the value at a site: a module's input or output
     WRITE = "write"  # replace the value at a site
     SAVE = "save"  # snapshot a value and return it to the client
+    SKIP = "skip"  # do not run a module; use the given value as its output
+    STOP = "stop"  # end the forward pass early
     GETITEM = "getitem"  # container[index]
     SETITEM = "setitem"  # tensor[index] = value, in place
     GETATTR = "getattr"  # a read-only attribute such as .shape

@@ -35,6 +35,8 @@ def schedule(graph: Graph, order: SiteOrder) -> Schedule:
 
     for node in graph.nodes:
         inputs = [ready(ref) for ref in node.refs()]
+        if node.op is Op.STOP:
+            inputs = events  # after every earlier node
         latest = max(inputs, default=0)
         event = _event_of(node, latest, order, graph, events)
         events.append(event)
@@ -53,10 +55,11 @@ def _event_of(node: Node, latest: int, order: SiteOrder, graph: Graph, events: l
     if node.op is Op.READ:
         return order.event_of(node.site)
 
-    if node.op is Op.WRITE:
+    if node.op in (Op.WRITE, Op.SKIP):
         event = order.event_of(node.site)
         if latest > event:
-            _too_late(node, f"writes {node.site}", latest, order)
+            action = f"writes {node.site}" if node.op is Op.WRITE else f"skips {node.site.module}"
+            _too_late(node, action, latest, order)
         return event
 
     if node.op is Op.CALL_MODULE:

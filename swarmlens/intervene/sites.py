@@ -69,7 +69,7 @@ class SiteOrder:
         return cls(_record_events(skeleton, architecture), architecture, num_blocks)
 
     def event_of(self, site: Site) -> int:
-        return site.step * self.size + self.index[(site.module, site.kind)]
+        return site.step * self.size + self.index[(site.module, site.event_kind)]
 
     def site_of_event(self, event: int) -> tuple[str, str, int]:
         """Return (module, kind, step) of an event number."""

@@ -40,8 +40,10 @@ class Tracer:
     becomes a list with one entry per step that ran.
     """
 
-    def __init__(self, model: "TracedModel", inputs: Any, generation: GenerationConfig | None = None):
+    def __init__(self, model: "TracedModel", inputs: Any, generation: GenerationConfig | None = None,
+                 scan: bool = False):
         self.model = model
+        self.scan = scan
         self.inputs = inputs
         self.generation = generation
         self.num_steps = generation.max_new_tokens if generation is not None else 1
@@ -59,6 +61,17 @@ class Tracer:
     def all(self) -> contextlib.AbstractContextManager:
         """Apply the interventions recorded in this block at every generation step."""
         return self._step_block(range(self.num_steps))
+
+    def stop(self) -> None:
+        """End the forward pass as soon as everything recorded so far has run.
+
+        Blocks after that point do not run (on a swarm, later peers are not
+        contacted), and `tracer.logits` is None.
+        """
+        if self.generation is not None:
+            raise TraceError("tracer.stop() ends a single forward pass; it is not available in generation",
+                             user_source())
+        self.record(Op.STOP)
 
     def next(self) -> None:
         """Move sites read outside step blocks to the next generation step."""
@@ -94,7 +107,10 @@ class Tracer:
             return False
 
         unrolled = unroll(self.graph, self._templates)
-        self.result = self.model._run_graph(unrolled.graph, self.inputs, self.generation)
+        if self.scan:
+            self.result = self.model._scan_graph(unrolled.graph, self.inputs)
+        else:
+            self.result = self.model._run_graph(unrolled.graph, self.inputs, self.generation)
         self._fill_proxies(unrolled)
         return False
 
@@ -140,7 +156,7 @@ class Tracer:
         )
         if self._steps is not None:
             self._templates[node.id] = self._steps
-        if op in (Op.WRITE, Op.SETITEM):
+        if op in (Op.WRITE, Op.SETITEM, Op.SKIP, Op.STOP):
             return None
         proxy = Proxy(self, node.id)
         self._proxies[node.id] = proxy

@@ -15,8 +15,10 @@ from swarmlens.intervene.ops import Op
 
 MAX_NODES = 20_000  # far above hand-written studies (a 30-block logit lens is about 100 nodes)
 
-_ARITY = {Op.READ: 0, Op.WRITE: 1, Op.SAVE: 1, Op.GETITEM: 2, Op.SETITEM: 3, Op.GETATTR: 1}
-_NO_VALUE = (Op.WRITE, Op.SETITEM)
+_ARITY = {Op.READ: 0, Op.WRITE: 1, Op.SAVE: 1, Op.GETITEM: 2, Op.SETITEM: 3, Op.GETATTR: 1, Op.SKIP: 1,
+          Op.STOP: 0}
+_NO_VALUE = (Op.WRITE, Op.SETITEM, Op.SKIP, Op.STOP)
+_SITE_OPS = (Op.READ, Op.WRITE, Op.SKIP)
 _LEAF_TYPES = (type(None), bool, int, float, str, Ref, slice, type(Ellipsis), torch.dtype, torch.Tensor)
 
 
@@ -33,7 +35,11 @@ def validate(graph: Graph, sites: Collection[tuple[str, str]], modules: Collecti
 
     produced: dict[int, Op] = {}
     known = set(known)
+    stopped = False
     for node in graph.nodes:
+        if stopped:
+            _fail(node, "nothing may follow tracer.stop(); move this line before it")
+        stopped = node.op is Op.STOP
         _check_node(node, sites, modules)
         _check_arguments(node, produced, known)
         produced[node.id] = node.op
@@ -66,13 +72,15 @@ def _check_node(node: Node, sites: Collection[tuple[str, str]], modules: Collect
         what = "module" if node.op is Op.CALL_MODULE else "target"
         _fail(node, f"{what} {node.target!r} is not allowed here.{hint}")
 
-    if node.op in (Op.READ, Op.WRITE):
+    if node.op in _SITE_OPS:
         if node.site is None:
-            _fail(node, "a read or write needs a site")
-        if node.site.kind not in SITE_KINDS or (node.site.module, node.site.kind) not in sites:
+            _fail(node, "a read, write or skip needs a site")
+        if node.op is Op.SKIP and node.site.kind != "input":
+            _fail(node, "a skip is placed at its module's input site")
+        if node.site.kind not in SITE_KINDS or (node.site.module, node.site.event_kind) not in sites:
             _fail(node, f"unknown site {node.site}: no module {node.site.module!r} with an {node.site.kind} here")
     elif node.site is not None:
-        _fail(node, "only read and write nodes have a site")
+        _fail(node, "only read, write and skip nodes have a site")
 
     arity = _ARITY.get(node.op)
     if arity is not None and (len(node.args) != arity or node.kwargs):

@@ -11,7 +11,7 @@ from typing import Any
 import msgpack
 import torch
 
-from swarmlens.intervene.graph import SITE_KINDS, Node, Ref, Site
+from swarmlens.intervene.graph import EVENT_KINDS, SITE_KINDS, Node, Ref, Site
 from swarmlens.intervene.ops import DTYPE_NAMES, DTYPES, Op
 
 SCHEMA_VERSION = 1
@@ -205,7 +205,7 @@ def _decode_site(node_id: int, site: Any) -> Site | None:
 def _decode_event(node_id: int, event: Any) -> tuple[str, str, int] | None:
     if event is None:
         return None
-    if not (isinstance(event, list) and len(event) == 3 and isinstance(event[0], str) and event[1] in SITE_KINDS
+    if not (isinstance(event, list) and len(event) == 3 and isinstance(event[0], str) and event[1] in EVENT_KINDS
             and isinstance(event[2], int) and not isinstance(event[2], bool) and event[2] >= 0):
         raise WireError(f"node %{node_id}: invalid event {event!r}")
     return event[0], event[1], event[2]

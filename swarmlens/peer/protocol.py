@@ -59,19 +59,24 @@ class ForwardResponse:
     hidden_states: torch.Tensor  # [batch, tokens, hidden] after the last block
     values: dict[int, Any]  # saved values and values the client needs after the blocks
     hops: list[dict]  # one report per peer: peer_id, start, end, received, sent, compute_ms
+    stopped: bool = False  # a STOP node ended the pass; hidden_states are then not the model's
 
     def encode(self) -> bytes:
-        return dumps({"hidden_states": self.hidden_states, "values": _encode_values(self.values), "hops": self.hops})
+        return dumps({"hidden_states": self.hidden_states, "values": _encode_values(self.values), "hops": self.hops,
+                      "stopped": self.stopped})
 
     @classmethod
     def decode(cls, data: bytes, max_bytes: int) -> "ForwardResponse":
-        body = _expect_map(loads(data, max_bytes), "forward response", ("hidden_states", "values", "hops"))
+        body = _expect_map(loads(data, max_bytes), "forward response", ("hidden_states", "values", "hops", "stopped"))
         if not isinstance(body["hops"], list) or not all(isinstance(hop, dict) for hop in body["hops"]):
             raise WireError("forward response: hops must be a list of maps")
+        if not isinstance(body["stopped"], bool):
+            raise WireError("forward response: stopped must be a bool")
         return cls(
             hidden_states=_expect_tensor(body["hidden_states"], "hidden_states", dims=3, floating=True),
             values=_decode_values(body["values"]),
             hops=body["hops"],
+            stopped=body["stopped"],
         )
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
-from swarmlens.intervene.errors import ExecutionError
+from swarmlens.intervene.errors import ExecutionError, StopForward
 from swarmlens.intervene.graph import INPUT, OUTPUT, Graph, Node
 from swarmlens.intervene.interpreter import Interpreter, Limits
 from swarmlens.intervene.sites import Architecture, architecture_for
@@ -104,8 +104,8 @@ class BlockRunner:
         report["bytes_in"] = len(payload)
 
         following = request.chain[1:]
-        if not following:
-            return ForwardResponse(hidden, values, [report]).encode()
+        if not following or report["stopped"]:
+            return ForwardResponse(hidden, values, [report], stopped=report["stopped"]).encode()
 
         next_request = dataclasses.replace(
             request,
@@ -178,8 +178,12 @@ class BlockRunner:
         keep = request.keep_after[self.end - 1]
         interpreter = Interpreter(own, request.at, self.modules, request.values, keep, self.limits.graph)
 
-        with interpreter.hooks():
-            hidden = self._forward(request.hidden_states, request.attention_mask, request.position_ids)
+        hidden = request.hidden_states
+        try:
+            with interpreter.hooks():
+                hidden = self._forward(request.hidden_states, request.attention_mask, request.position_ids)
+        except StopForward:
+            pass
         interpreter.check_done()
 
         values = interpreter.take(keep)
@@ -190,6 +194,7 @@ class BlockRunner:
             "nodes": len(own),
             "received": sorted(request.values),
             "sent": sorted(values),
+            "stopped": interpreter.stopped,
         }
         return hidden, values, report
 
@@ -200,7 +205,8 @@ class BlockRunner:
         validate(Graph(nodes), self.sites, set(self.modules), known=known)
         for node in nodes:
             module, kind, step = at[node.id]
-            if node.site is not None and (module, kind, step) != (node.site.module, node.site.kind, node.site.step):
+            if node.site is not None and (module, kind, step) != (node.site.module, node.site.event_kind,
+                                                                  node.site.step):
                 raise ValueError(f"node %{node.id} reads or writes {node.site} but is scheduled at {at[node.id]}")
             if step > max_step or (module, kind) not in self.sites:
                 raise ValueError(f"node %{node.id} is scheduled at {at[node.id]}, which this peer does not run")
