@@ -164,3 +164,65 @@ def test_stop_through_swarm_skips_later_peer(swarm_model, local_model):
     assert tracer.logits is None
     assert [(hop["start"], hop["end"]) for hop in tracer.result.hops] == [(0, 15)]
     torch.testing.assert_close(hidden.value, expected.value, atol=ATOL, rtol=0)
+
+
+CLEAN = "The capital of France is"
+CORRUPTED = "The capital of Germany is a city called"
+BATCH_ATOL = 1e-4  # a padded batch takes another attention kernel path than a single prompt
+
+
+def patch_study(model):
+    with model.trace() as tracer:
+        with tracer.invoke(CLEAN):
+            clean = model.model.layers[12].output[:, -1]
+            clean_logits = model.lm_head.output[:, -1].save()
+        with tracer.invoke(CORRUPTED):
+            model.model.layers[12].output[:, -1] = clean
+            patched_logits = model.lm_head.output[:, -1].save()
+    return tracer, clean_logits.value, patched_logits.value
+
+
+def test_invokes_see_their_own_rows_and_share_values(local_model, hf_model, tokenizer):
+    tracer, clean_logits, patched_logits = patch_study(local_model)
+    assert tracer.logits.shape[0] == 2
+
+    with torch.no_grad():
+        clean_run = hf_model(**tokenizer(CLEAN, return_tensors="pt"), output_hidden_states=True)
+    torch.testing.assert_close(clean_logits, clean_run.logits[:, -1], atol=BATCH_ATOL, rtol=0)
+
+    clean_hidden = clean_run.hidden_states[13][:, -1]
+
+    def hook(module, args, output):
+        output = output.clone()
+        output[:, -1] = clean_hidden
+        return output
+
+    handle = hf_model.model.layers[12].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            expected = hf_model(**tokenizer(CORRUPTED, return_tensors="pt")).logits[:, -1]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(patched_logits, expected, atol=BATCH_ATOL, rtol=0)
+
+
+def test_tuple_site_in_invoke_is_rejected(local_model):
+    with pytest.raises(TraceError, match="not a single tensor"):
+        with local_model.trace() as tracer:
+            with tracer.invoke(CLEAN):
+                local_model.model.layers[3].self_attn.output.save()
+
+
+def test_trace_without_inputs_is_rejected(local_model):
+    with pytest.raises(TraceError, match="no inputs"):
+        with local_model.trace():
+            pass
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_invokes_through_swarm_match_local(swarm_model, local_model):
+    remote = patch_study(swarm_model)
+    local = patch_study(local_model)
+    torch.testing.assert_close(remote[0].logits, local[0].logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(remote[2], local[2], atol=ATOL, rtol=0)

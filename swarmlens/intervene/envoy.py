@@ -94,28 +94,28 @@ class Envoy:
 
     @property
     def output(self) -> Proxy:
-        return self._model._active_tracer().record(Op.READ, site=self._site(OUTPUT))
+        return self._model._active_tracer().read_site(self._site(OUTPUT))
 
     @output.setter
     def output(self, value: Any) -> None:
-        self._model._active_tracer().record(Op.WRITE, None, (value,), site=self._site(OUTPUT))
+        self._model._active_tracer().write_site(self._site(OUTPUT), value)
 
     @property
     def input(self) -> Proxy:
-        return self._model._active_tracer().record(Op.READ, site=self._site(INPUT))
+        return self._model._active_tracer().read_site(self._site(INPUT))
 
     @input.setter
     def input(self, value: Any) -> None:
-        self._model._active_tracer().record(Op.WRITE, None, (value,), site=self._site(INPUT))
+        self._model._active_tracer().write_site(self._site(INPUT), value)
 
     @property
     def inputs(self) -> Proxy:
         """All arguments of the call: (args tuple, kwargs dict of tensors, numbers and strings)."""
-        return self._model._active_tracer().record(Op.READ, site=self._site(INPUTS))
+        return self._model._active_tracer().read_site(self._site(INPUTS))
 
     @inputs.setter
     def inputs(self, value: Any) -> None:
-        self._model._active_tracer().record(Op.WRITE, None, (value,), site=self._site(INPUTS))
+        self._model._active_tracer().write_site(self._site(INPUTS), value)
 
     def _site(self, kind: str) -> Site:
         order = self._model.site_order
@@ -137,7 +137,9 @@ class Envoy:
 
     def skip(self, output: Any) -> None:
         """Do not run this module; use `output` as its output (its output hooks still see it)."""
-        self._model._active_tracer().record(Op.SKIP, None, (output,), site=self._site(INPUT))
+        tracer = self._model._active_tracer()
+        tracer.check_whole_batch(f"skipping {self._describe()}")
+        tracer.record(Op.SKIP, None, (output,), site=self._site(INPUT))
 
     # --- calls -------------------------------------------------------------
 

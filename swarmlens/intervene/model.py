@@ -59,9 +59,21 @@ class TracedModel:
 
     # --- tracing -----------------------------------------------------------
 
-    def trace(self, inputs: Any) -> Tracer:
-        """Open a trace: `with model.trace("The capital of France is") as tracer: ...`."""
-        return Tracer(self, self.prepare_inputs(inputs))
+    def trace(self, inputs: Any = None) -> Tracer:
+        """Open a trace: `with model.trace("The capital of France is") as tracer: ...`.
+
+        Without inputs, add them with `tracer.invoke(...)` blocks, one batch in all.
+        """
+        return Tracer(self, None if inputs is None else self.prepare_inputs(inputs))
+
+    def combine_inputs(self, parts: list[ModelInputs]) -> ModelInputs:
+        """Stack several inputs into one batch, padded on the left to the longest."""
+        length = max(part.input_ids.shape[1] for part in parts)
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None and self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.cat([_pad_left(part.input_ids, length, pad) for part in parts])
+        attention_mask = torch.cat([_pad_left(part.attention_mask, length, 0) for part in parts])
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return ModelInputs(input_ids, attention_mask, position_ids)
 
     def scan(self, inputs: Any) -> Tracer:
         """Open a trace that runs on the meta device: shapes only, no weights, no network.
@@ -177,6 +189,11 @@ class TracedModel:
 
     def _run_graph(self, graph: Graph, inputs: ModelInputs, generation: GenerationConfig | None) -> RunResult:
         raise NotImplementedError
+
+
+def _pad_left(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    padding = torch.full((tensor.shape[0], length - tensor.shape[1]), value, dtype=tensor.dtype)
+    return torch.cat([padding, tensor], dim=1)
 
 
 def _to_meta(value: Any) -> Any:

@@ -54,8 +54,10 @@ class SiteOrder:
     client after the blocks.
     """
 
-    def __init__(self, events: list[tuple[str, str]], architecture: Architecture, num_blocks: int):
+    def __init__(self, events: list[tuple[str, str]], architecture: Architecture, num_blocks: int,
+                 tensor_sites: set[tuple[str, str]] | None = None):
         self.events = events
+        self.tensor_sites = tensor_sites if tensor_sites is not None else set(events)
         self.size = len(events)
         self.architecture = architecture
         self.num_blocks = num_blocks
@@ -66,7 +68,9 @@ class SiteOrder:
 
     @classmethod
     def from_skeleton(cls, skeleton: nn.Module, architecture: Architecture, num_blocks: int) -> "SiteOrder":
-        return cls(_record_events(skeleton, architecture), architecture, num_blocks)
+        tensor_sites: set[tuple[str, str]] = set()
+        events = _record_events(skeleton, architecture, tensor_sites)
+        return cls(events, architecture, num_blocks, tensor_sites)
 
     def event_of(self, site: Site) -> int:
         return site.step * self.size + self.index[(site.module, site.event_kind)]
@@ -119,15 +123,33 @@ def _is_site_module(path: str, architecture: Architecture) -> bool:
     return False
 
 
-def _record_events(skeleton: nn.Module, architecture: Architecture) -> list[tuple[str, str]]:
-    """Run the meta skeleton once and list (module path, kind) in call order."""
+def _record_events(skeleton: nn.Module, architecture: Architecture,
+                   tensor_sites: set[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Run the meta skeleton once and list (module path, kind) in call order.
+
+    Also adds to `tensor_sites` the sites whose value is a single tensor.
+    """
     events: list[tuple[str, str]] = []
     handles = []
+
+    def on_input(module, args, kwargs, path):
+        events.append((path, INPUT))
+        first = args[0] if args else next(iter(kwargs.values()), None)
+        if isinstance(first, torch.Tensor):
+            tensor_sites.add((path, INPUT))
+
+    def on_output(module, args, output, path):
+        events.append((path, OUTPUT))
+        if isinstance(output, torch.Tensor):
+            tensor_sites.add((path, OUTPUT))
+
     for path, module in skeleton.named_modules():
         if not _is_site_module(path, architecture):
             continue
-        handles.append(module.register_forward_pre_hook(lambda *_, path=path: events.append((path, INPUT))))
-        handles.append(module.register_forward_hook(lambda *_, path=path: events.append((path, OUTPUT))))
+        handles.append(module.register_forward_pre_hook(
+            lambda module, args, kwargs, path=path: on_input(module, args, kwargs, path), with_kwargs=True))
+        handles.append(module.register_forward_hook(
+            lambda module, args, output, path=path: on_output(module, args, output, path)))
     try:
         with torch.no_grad():
             skeleton(input_ids=torch.zeros(1, 2, dtype=torch.long, device="meta"))

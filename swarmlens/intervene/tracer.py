@@ -55,6 +55,8 @@ class Tracer:
         self._steps: range | None = None
         self._templates: dict[int, range] = {}
         self.iter = _StepIndexer(self)
+        self._invokes: list | None = [] if inputs is None else None  # ModelInputs of each invoke
+        self._rows: slice | None = None  # rows of the open invoke
 
     # --- steps ---------------------------------------------------------------
 
@@ -95,6 +97,56 @@ class Tracer:
     def site_step(self) -> int:
         return self._step
 
+    # --- invokes -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def invoke(self, inputs: Any) -> Iterator[None]:
+        """Add `inputs` (a prompt, a list of them, or token ids) as rows of the batch.
+
+        Sites read or written inside the block see only these rows, so each
+        invoke intervenes on its own prompts; values pass freely between invokes.
+        """
+        if self._invokes is None:
+            raise TraceError("this trace already has inputs; open `model.trace()` without inputs to use invokes",
+                             user_source())
+        if self._rows is not None:
+            raise TraceError("invokes cannot be nested", user_source())
+        prepared = self.model.prepare_inputs(inputs)
+        start = sum(len(invoke.input_ids) for invoke in self._invokes)
+        self._invokes.append(prepared)
+        self._rows = slice(start, start + len(prepared.input_ids))
+        try:
+            yield
+        finally:
+            self._rows = None
+
+    def read_site(self, site: Site) -> Proxy:
+        value = self.record(Op.READ, site=site)
+        if self._rows is None:
+            return value
+        self._check_tensor_site(site)
+        return self.record(Op.GETITEM, None, (value, self._rows))
+
+    def write_site(self, site: Site, value: Any) -> None:
+        if self._rows is None:
+            self.record(Op.WRITE, None, (value,), site=site)
+            return
+        self._check_tensor_site(site)
+        self.record(Op.SETITEM, None, (self.record(Op.READ, site=site), self._rows, value))
+
+    def check_whole_batch(self, action: str) -> None:
+        if self._rows is not None:
+            raise TraceError(f"{action} applies to the whole batch; do it outside `tracer.invoke(...)`",
+                             user_source())
+
+    def _check_tensor_site(self, site: Site) -> None:
+        if (site.module, site.kind) not in self.model.site_order.tensor_sites:
+            raise TraceError(
+                f"{site.module}.{site.kind} is not a single tensor, so an invoke cannot select its rows; "
+                "read it outside `tracer.invoke(...)` and index the rows yourself",
+                user_source(),
+            )
+
     def __enter__(self) -> "Tracer":
         self.model._enter_trace(self)
         self._open = True
@@ -106,6 +158,10 @@ class Tracer:
         if exc_type is not None:
             return False
 
+        if self._invokes is not None:
+            if not self._invokes:
+                raise TraceError("this trace has no inputs: pass them to model.trace(...) or use tracer.invoke(...)")
+            self.inputs = self.model.combine_inputs(self._invokes)
         unrolled = unroll(self.graph, self._templates)
         if self.scan:
             self.result = self.model._scan_graph(unrolled.graph, self.inputs)
