@@ -124,3 +124,17 @@ def test_malformed_nodes_raise_wire_error(node):
 def test_unsupported_value_cannot_be_sent():
     with pytest.raises(WireError, match="cannot be sent"):
         dumps({"callable": print})
+
+
+def test_deeply_nested_tuples_are_rejected():
+    data = msgpack.packb([1])
+    for _ in range(400):
+        data = msgpack.packb([msgpack.ExtType(6, data)], use_bin_type=True)
+    message = msgpack.packb({"v": SCHEMA_VERSION, "body": msgpack.ExtType(6, data)}, use_bin_type=True)
+    with pytest.raises(WireError, match="nested deeper"):
+        loads(message, LIMIT)
+
+
+def test_moderately_nested_tuples_round_trip():
+    value = (1, (2, (3, (4, (torch.ones(2), slice(1, None))))))
+    assert_same_value(loads(dumps(value), LIMIT), value)

@@ -68,6 +68,8 @@ def generate(model, graph: Graph, inputs: ModelInputs, config: GenerationConfig,
             step_logits.append(logits[:, -1])
             hops.append(step_hops)
             state.append(next_tokens(logits[:, -1], config, generator), pad_token, stop_tokens)
+            if config.streamer is not None:
+                config.streamer(state.new_tokens[:, 0])
             if bool(state.finished.all()):
                 break
     finally:

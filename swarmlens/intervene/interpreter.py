@@ -6,7 +6,6 @@ they must be kept (saved values and values carried to a later location).
 """
 
 import contextlib
-import dataclasses
 import logging
 from typing import Any, Iterable, Iterator
 
@@ -14,19 +13,12 @@ import torch
 from torch import nn
 
 from swarmlens.intervene import ops
-from swarmlens.intervene.errors import BudgetError, ExecutionError, InterventionError, StopForward
+from swarmlens.intervene.budget import Budget, Limits
+from swarmlens.intervene.errors import ExecutionError, InterventionError, StopForward
 from swarmlens.intervene.graph import INPUT, INPUTS, Node, Ref, iter_leaves, map_leaves
 from swarmlens.intervene.ops import Op
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """Compute limits a graph must stay within; peers set them for strangers' graphs."""
-
-    max_numel: int = 2**28  # elements in any one value: 1 GiB of float32
-    max_int_exponent: int = 64  # largest exponent for ** on two Python ints
 
 
 class Interpreter:
@@ -43,6 +35,7 @@ class Interpreter:
         self.env: dict[int, Any] = dict(values or {})
         self.keep = set(keep)
         self.limits = limits
+        self.budget = Budget(limits)
         self.pending: dict[tuple[str, str, int], list[Node]] = {}
         for node in self.nodes:
             self.pending.setdefault(tuple(at[node.id]), []).append(node)
@@ -138,6 +131,7 @@ class Interpreter:
         return {node_id: self.env[node_id] for node_id in ids if node_id in self.env}
 
     def _run_node(self, node: Node) -> None:
+        self.budget.check_time(node)
         try:
             result = self._execute(node)
         except InterventionError:
@@ -150,7 +144,7 @@ class Interpreter:
             ) from error
 
         if node.op not in (Op.WRITE, Op.SETITEM, Op.SKIP):
-            self._check_size(node, result)
+            self.budget.check_result(node, result)
             self.env[node.id] = result
         self._free_inputs(node)
 
@@ -167,6 +161,7 @@ class Interpreter:
             self._write_inputs(args[0])
             return None
         if op is Op.WRITE:
+            _check_same_shape(self._site_value, args[0], node.site)
             self._site_value = args[0]
             return None
         if op is Op.SAVE:
@@ -185,16 +180,21 @@ class Interpreter:
             value = getattr(args[0], node.target)
             return tuple(value) if isinstance(value, torch.Size) else value
         if op is Op.OPERATOR:
-            self._check_operands(node.target, args)
-            return ops.OPERATORS[node.target](*args)
+            self.budget.check_operands(node, node.target, args)
+            function = ops.OPERATORS[node.target]
+            self.budget.check_call(node, "torch.matmul" if node.target == "matmul" else node.target, function, args, {})
+            return function(*args)
         if op is Op.METHOD:
             _require_tensor(args[0], f"call .{node.target}() on")
-            result = getattr(args[0], node.target)(*args[1:], **kwargs)
+            method = getattr(torch.Tensor, node.target)
+            self.budget.check_call(node, node.target, method, args, kwargs)
+            result = method(*args, **kwargs)
             return tuple(result) if isinstance(result, torch.Size) else result
         if op is Op.FUNCTION:
-            if node.target in ops.CREATION_FUNCTIONS:
-                self._check_creation(node.target, args, kwargs)
-            return ops.FUNCTIONS[node.target](*args, **kwargs)
+            function = ops.FUNCTIONS[node.target]
+            self.budget.check_call(node, node.target, function, args, kwargs,
+                                   creates=node.target in ops.CREATION_FUNCTIONS)
+            return function(*args, **kwargs)
         if op is Op.CALL_MODULE:
             return self._call_module(node.target, args, kwargs)
         raise ExecutionError(f"node %{node.id} has unknown op {op!r}", node.source, original_type="ExecutionError")
@@ -238,46 +238,6 @@ class Interpreter:
             if self.last_user.get(ref) == node.id and ref not in self.keep:
                 self.env.pop(ref, None)
 
-    # --- limits ------------------------------------------------------------
-
-    def _check_size(self, node: Node, value: Any) -> None:
-        def check(leaf: Any) -> None:
-            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.limits.max_numel:
-                raise BudgetError(
-                    f"node %{node.id} produced {leaf.numel()} elements, above the limit of {self.limits.max_numel}",
-                    node.source,
-                )
-
-        map_leaves(value, check)
-
-    def _check_operands(self, name: str, args: tuple) -> None:
-        for arg in args:
-            if not isinstance(arg, (torch.Tensor, int, float, bool)):
-                raise TypeError(f"operator {name} takes tensors and numbers, got {type(arg).__name__}")
-        if name == "pow" and len(args) == 2 and all(isinstance(arg, int) for arg in args):
-            if abs(args[1]) > self.limits.max_int_exponent:
-                raise BudgetError(f"integer power with exponent {args[1]} is above the limit of "
-                                  f"{self.limits.max_int_exponent}")
-
-    def _check_creation(self, name: str, args: tuple, kwargs: dict) -> None:
-        if name == "torch.arange":
-            numbers = [arg for arg in args if isinstance(arg, (int, float))]
-            span = abs(numbers[1] - numbers[0]) if len(numbers) >= 2 else abs(numbers[0]) if numbers else 0
-            step = abs(numbers[2]) if len(numbers) >= 3 else 1
-            numel = span / step if step else float("inf")
-        else:
-            shape = args[0] if args and isinstance(args[0], (tuple, list)) else [
-                arg for arg in (args[:-1] if name == "torch.full" else args) if isinstance(arg, int)
-            ]
-            numel = 1
-            for size in shape:
-                if not isinstance(size, int) or size < 0:
-                    raise ValueError(f"{name} needs non-negative int sizes, got {size!r}")
-                numel *= size
-        if numel > self.limits.max_numel:
-            raise BudgetError(f"{name} would create {numel:.0f} elements, above the limit of {self.limits.max_numel}")
-
-
 class _SkippableForward:
     """Replaces a module's forward for the length of a run, returning a SKIP node's value when set.
 
@@ -310,6 +270,16 @@ def _is_plain(value: Any) -> bool:
 
 def _snapshot(value: Any) -> Any:
     return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+def _check_same_shape(current: Any, new: Any, site) -> None:
+    """The model computes on after a write, so a tensor must keep its shape."""
+    if isinstance(current, torch.Tensor) and isinstance(new, torch.Tensor) and current.shape != new.shape:
+        raise ValueError(f"the value assigned to {site} has shape {tuple(new.shape)}, but the model needs "
+                         f"{tuple(current.shape)} there")
+    if isinstance(current, torch.Tensor) != isinstance(new, torch.Tensor):
+        raise TypeError(f"the value assigned to {site} is a {type(new).__name__}, but the model needs a "
+                        f"{type(current).__name__} there")
 
 
 def _require_tensor(value: Any, action: str) -> None:

@@ -94,11 +94,30 @@ def _hf_generation_kwargs(generation: GenerationConfig, tokenizer: Any) -> dict:
         output_logits=True,
         use_cache=True,
     )
+    if generation.streamer is not None:
+        kwargs.update(streamer=_CallbackStreamer(generation.streamer))
     if generation.do_sample:
         kwargs.update(temperature=generation.temperature, top_k=generation.top_k or None, top_p=generation.top_p)
     else:
         kwargs.update(temperature=None, top_k=None, top_p=None)
     return kwargs
+
+
+class _CallbackStreamer:
+    """Adapts a `callback(new_tokens)` to the streamer interface of Hugging Face `generate`."""
+
+    def __init__(self, callback):
+        self.callback = callback
+        self.seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:  # generate passes the prompt first
+            self.seen_prompt = True
+            return
+        self.callback(value.reshape(-1))
+
+    def end(self) -> None:
+        pass
 
 
 def _meta_skeleton(model: nn.Module) -> nn.Module:

@@ -6,7 +6,7 @@ runs it.
 """
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -105,13 +105,15 @@ class TracedModel:
 
     def generate(self, inputs: Any, max_new_tokens: int = 16, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop_tokens: Sequence[int] | None = None) -> Tracer:
+                 stop_tokens: Sequence[int] | None = None,
+                 streamer: Callable[[torch.Tensor], None] | None = None) -> Tracer:
         """Open a traced generation: `with model.generate(prompt, max_new_tokens=8) as tracer: ...`.
 
         Greedy by default; `do_sample=True` samples with `temperature`, `top_k` and
         `top_p`, repeatably for a given `seed`. `stop_tokens` defaults to the
         tokenizer's end-of-sequence token; pass `[]` to always generate
-        `max_new_tokens`. The tokens come back in `tracer.output`.
+        `max_new_tokens`. The tokens come back in `tracer.output`; `streamer`, if
+        given, is called with each step's new tokens ([batch] ids) as they arrive.
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -120,7 +122,8 @@ class TracedModel:
         if stop_tokens is None:
             eos = getattr(self.tokenizer, "eos_token_id", None)
             stop_tokens = [] if eos is None else [eos]
-        config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed, tuple(stop_tokens))
+        config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed, tuple(stop_tokens),
+                                  streamer)
         return Tracer(self, self.prepare_inputs(inputs), config)
 
     def __getattr__(self, name: str) -> Any:

@@ -2,7 +2,9 @@
 
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
+
+import torch
 
 from swarmlens.intervene.errors import TraceError
 from swarmlens.intervene.graph import Graph, Site, map_leaves
@@ -23,6 +25,7 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int | None = None
     stop_tokens: tuple[int, ...] = ()  # generation of a row ends after it emits one of these
+    streamer: Callable[[torch.Tensor], None] | None = None  # called with each step's new tokens, [batch]
 
 
 class Tracer:

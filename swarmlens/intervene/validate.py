@@ -19,6 +19,10 @@ _ARITY = {Op.READ: 0, Op.WRITE: 1, Op.SAVE: 1, Op.GETITEM: 2, Op.SETITEM: 3, Op.
           Op.STOP: 0}
 _NO_VALUE = (Op.WRITE, Op.SETITEM, Op.SKIP, Op.STOP)
 _SITE_OPS = (Op.READ, Op.WRITE, Op.SKIP)
+_FORBIDDEN_KWARGS = {
+    "out": "it writes into an existing tensor in place; assign the result instead",
+    "device": "values stay on the device of the peer that computes them",
+}
 _LEAF_TYPES = (type(None), bool, int, float, str, Ref, slice, type(Ellipsis), torch.dtype, torch.Tensor)
 
 
@@ -94,6 +98,8 @@ def _check_node(node: Node, sites: Collection[tuple[str, str]], modules: Collect
 def _check_arguments(node: Node, produced: dict[int, Op], known: set[int]) -> None:
     if not all(isinstance(key, str) for key in node.kwargs):
         _fail(node, "keyword argument names must be strings")
+    for key in _FORBIDDEN_KWARGS.keys() & node.kwargs.keys():
+        _fail(node, f"keyword argument {key!r} is not allowed: {_FORBIDDEN_KWARGS[key]}")
     for leaf in iter_leaves((node.args, node.kwargs)):
         if not isinstance(leaf, _LEAF_TYPES):
             _fail(node, f"argument of type {type(leaf).__name__} cannot appear in a graph")

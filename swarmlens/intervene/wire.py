@@ -14,12 +14,13 @@ import torch
 from swarmlens.intervene.graph import EVENT_KINDS, SITE_KINDS, Node, Ref, Site
 from swarmlens.intervene.ops import DTYPE_NAMES, DTYPES, Op
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: forward responses carry `stopped`
 
 _TENSOR, _REF, _SLICE, _ELLIPSIS, _DTYPE, _TUPLE = 1, 2, 3, 4, 5, 6
 _MAX_DIMS = 8
 _MAX_STRING = 1 << 20  # 1 MiB: source lines and names, never bulk data
 _MAX_ITEMS = 1 << 20  # elements of one array or map
+_MAX_EXT_DEPTH = 32  # nested tuples, tensors and slices; intervention arguments nest a few levels
 
 
 class WireError(ValueError):
@@ -55,28 +56,28 @@ def _tensor_fields(tensor: torch.Tensor) -> list:
     return [DTYPE_NAMES[tensor.dtype], list(tensor.shape), raw]
 
 
-def _ext_hook(code: int, data: bytes) -> Any:
+def _ext_hook(code: int, data: bytes, depth: int) -> Any:
     if code == _TENSOR:
-        return _decode_tensor(_unpack(data))
+        return _decode_tensor(_unpack(data, depth))
     if code == _REF:
-        node = _unpack(data)
+        node = _unpack(data, depth)
         if not isinstance(node, int) or isinstance(node, bool) or node < 0:
             raise WireError(f"invalid node reference {node!r}")
         return Ref(node)
     if code == _SLICE:
-        parts = _unpack(data)
+        parts = _unpack(data, depth)
         if not isinstance(parts, list) or len(parts) != 3:
             raise WireError("invalid slice")
         return slice(*parts)
     if code == _ELLIPSIS:
         return Ellipsis
     if code == _DTYPE:
-        name = _unpack(data)
+        name = _unpack(data, depth)
         if name not in DTYPES:
             raise WireError(f"unknown dtype {name!r}")
         return DTYPES[name]
     if code == _TUPLE:
-        items = _unpack(data)
+        items = _unpack(data, depth)
         if not isinstance(items, list):
             raise WireError("invalid tuple")
         return tuple(items)
@@ -110,11 +111,18 @@ def _pack(value: Any) -> bytes:
     return msgpack.packb(value, default=_default, use_bin_type=True, strict_types=True)
 
 
-def _unpack(data: bytes) -> Any:
+def _unpack(data: bytes, depth: int = 0) -> Any:
+    """Decode msgpack; extension types nest through `depth`, which is capped.
+
+    Each nested extension re-enters the C decoder, so without the cap a small
+    message could overflow the C stack and kill the process.
+    """
+    if depth > _MAX_EXT_DEPTH:
+        raise WireError(f"malformed message: extension types nested deeper than {_MAX_EXT_DEPTH} levels")
     try:
         return msgpack.unpackb(
             data,
-            ext_hook=_ext_hook,
+            ext_hook=lambda code, payload: _ext_hook(code, payload, depth + 1),
             raw=False,
             strict_map_key=True,
             max_str_len=_MAX_STRING,
@@ -125,8 +133,10 @@ def _unpack(data: bytes) -> Any:
         )
     except WireError:
         raise
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as error:
-        raise WireError(f"malformed message: {error}") from error
+    except msgpack.StackError:
+        raise WireError("malformed message: nested deeper than the decoder allows") from None
+    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError) as error:
+        raise WireError(f"malformed message: {error or type(error).__name__}") from error
 
 
 def dumps(value: Any) -> bytes:

@@ -19,7 +19,8 @@ from transformers.masking_utils import create_causal_mask
 
 from swarmlens.intervene.errors import ExecutionError, StopForward
 from swarmlens.intervene.graph import INPUT, OUTPUT, Graph, Node
-from swarmlens.intervene.interpreter import Interpreter, Limits
+from swarmlens.intervene.budget import Limits
+from swarmlens.intervene.interpreter import Interpreter
 from swarmlens.intervene.sites import Architecture, architecture_for
 from swarmlens.intervene.validate import validate
 from swarmlens.intervene.wire import WireError
@@ -35,10 +36,11 @@ ForwardFn = Callable[[str, bytes], Awaitable[bytes]]
 class RunnerLimits:
     """What one request may ask of this peer."""
 
-    max_request_bytes: int = 256 * 2**20  # 256 MiB: hidden states of about 100k tokens of a 576-wide model
+    max_request_bytes: int = 64 * 2**20  # the peer server's default request limit: about 29k tokens at width 576
     max_response_bytes: int = 2**30
     max_tokens: int = 8192  # batch * tokens per request, past tokens of a session included
     max_session_bytes: int = 2**30  # KV caches of all open sessions together
+    max_sessions: int = 64
     session_idle_timeout: float = 300.0  # seconds a session may wait for its next step
     graph: Limits = Limits()
 
@@ -92,6 +94,7 @@ class BlockRunner:
         """Run this span for a forward request, pass the rest to the next peer, return the response."""
         request = ForwardRequest.decode(payload, self.limits.max_request_bytes)
         self._check_request(request)
+        check_carried_values(request.values, request.nodes, request.keep_after)
 
         loop = asyncio.get_running_loop()
         began = time.perf_counter()
@@ -226,6 +229,9 @@ class BlockRunner:
         """Reserve KV cache memory for a new session, or raise SessionCapacityError."""
         from swarmlens.peer.session import SessionCapacityError
 
+        if self.open_sessions >= self.limits.max_sessions:
+            raise SessionCapacityError(f"this peer already holds {self.open_sessions} sessions, its limit; "
+                                       "retry later or use another peer")
         if self.session_bytes + nbytes > self.limits.max_session_bytes:
             raise SessionCapacityError(
                 f"a session of {nbytes / 2**20:.1f} MiB does not fit: open sessions hold "
@@ -253,6 +259,19 @@ class BlockRunner:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def check_carried_values(values: dict, nodes: list[Node], keep_after: dict) -> None:
+    """Reject carried values that no remaining node reads and no later block carries on.
+
+    Without this check a request could park arbitrary data in a peer's memory.
+    """
+    wanted = {ref for node in nodes for ref in node.refs()}
+    for ids in keep_after.values():
+        wanted.update(ids if isinstance(ids, list) else [node_id for by_block in ids.values() for node_id in by_block])
+    unknown = sorted(set(values) - wanted)
+    if unknown:
+        raise ValueError(f"carried values {unknown[:10]} are not used by any node of this chain")
 
 
 def _module_paths(blocks: nn.ModuleList, prefix: str, start: int) -> dict[str, nn.Module]:

@@ -20,6 +20,7 @@ from swarmlens.intervene.errors import ExecutionError
 from swarmlens.intervene.interpreter import Interpreter
 from swarmlens.peer.errors import InvalidResponseError, PeerTimeoutError, PeerUnreachableError, RemoteError
 from swarmlens.peer.protocol import ForwardResponse, SessionOpen, SessionStep
+from swarmlens.peer.runner import check_carried_values
 from swarmlens.peer.session_stream import read_request, read_response, write_error, write_request, write_response
 
 if TYPE_CHECKING:
@@ -48,11 +49,14 @@ class InferenceSession:
         self.interpreter = Interpreter(own, opened.at, runner.modules, keep=keep, limits=runner.limits.graph)
         self.cache = DynamicCache(config=runner.config)
         self.num_nodes = len(own)
+        self.nodes_ahead = opened.nodes  # this peer's nodes and those of the peers after it
+        self.keep_ahead = opened.keep_after
         self.next_step = 0
         self.past_tokens = 0
 
     def run_step(self, message: SessionStep) -> tuple[torch.Tensor, dict, dict]:
         """Run this peer's blocks for one step; return hidden states, carried values and a report."""
+        check_carried_values(message.values, self.nodes_ahead, self.keep_ahead)
         if message.step != self.next_step:
             raise ValueError(f"expected step {self.next_step}, got step {message.step}; steps run in order")
         batch, tokens, _ = message.hidden_states.shape
@@ -65,6 +69,7 @@ class InferenceSession:
         interpreter = self.interpreter
         interpreter.env.update(message.values)
         interpreter.step = message.step
+        interpreter.budget.restart_clock()
         with interpreter.hooks():
             hidden = self.runner._forward(message.hidden_states, message.attention_mask, message.position_ids,
                                           cache=self.cache)
@@ -102,6 +107,8 @@ async def serve_session(runner: "BlockRunner", reader: asyncio.StreamReader, wri
         if data is None:
             return
         opened = SessionOpen.decode(data, limits.max_request_bytes)
+        if opened.batch_size < 1 or opened.max_length < 1:
+            raise ValueError("a session needs batch_size >= 1 and max_length >= 1")
         runner.check_chain(opened.chain, opened.nodes, opened.at)
         reserved = runner.reserve_session_bytes(session_nbytes(runner, opened.batch_size, opened.max_length))
         session = InferenceSession(runner, opened)
