@@ -147,3 +147,11 @@ def test_sessions_freed_when_client_is_killed(swarm_model, local_swarm, checkpoi
     while open_sessions(swarm_model, local_swarm) != [0, 0] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert open_sessions(swarm_model, local_swarm) == [0, 0]
+
+
+def test_streamer_receives_each_step_in_order(swarm_model):
+    streamed = []
+    with swarm_model.generate(PROMPTS, max_new_tokens=5, stop_tokens=[], streamer=streamed.append) as tracer:
+        pass
+    assert len(streamed) == 5
+    torch.testing.assert_close(torch.stack(streamed, dim=1), tracer.output[:, -5:], rtol=0, atol=0)

@@ -83,3 +83,11 @@ def test_step_out_of_range_is_rejected(local_model):
         with local_model.generate(PROMPTS[0], max_new_tokens=3) as tracer:
             with tracer.iter[5]:
                 pass
+
+
+def test_streamer_receives_each_step_in_order(local_model):
+    streamed = []
+    with local_model.generate(PROMPTS, max_new_tokens=4, stop_tokens=[], streamer=streamed.append) as tracer:
+        pass
+    assert len(streamed) == 4
+    torch.testing.assert_close(torch.stack(streamed, dim=1), tracer.output[:, -4:], rtol=0, atol=0)

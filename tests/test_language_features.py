@@ -226,3 +226,36 @@ def test_invokes_through_swarm_match_local(swarm_model, local_model):
     local = patch_study(local_model)
     torch.testing.assert_close(remote[0].logits, local[0].logits, atol=ATOL, rtol=0)
     torch.testing.assert_close(remote[2], local[2], atol=ATOL, rtol=0)
+
+
+def hf_attentions(hf_model, tokenizer, prompt):
+    from swarmlens.intervene.local import attention_implementation
+
+    with torch.no_grad(), attention_implementation(hf_model.config, "eager"):
+        return hf_model(**tokenizer(prompt, return_tensors="pt"), output_attentions=True).attentions
+
+
+def attention_study(model):
+    with model.trace(PROMPT, attn_implementation="eager"):
+        weights = [model.model.layers[block].self_attn.output[1].save() for block in (2, 14, 15, 29)]
+    return [proxy.value for proxy in weights]
+
+
+def test_eager_attention_weights_match_output_attentions(local_model, hf_model, tokenizer):
+    expected = hf_attentions(hf_model, tokenizer, PROMPT)
+    for value, block in zip(attention_study(local_model), (2, 14, 15, 29)):
+        torch.testing.assert_close(value, expected[block], atol=ATOL, rtol=0)
+    assert hf_model.config._attn_implementation == "sdpa"
+
+
+def test_unknown_attn_implementation_is_rejected(local_model):
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        local_model.trace(PROMPT, attn_implementation="flash")
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_attention_weights_through_swarm(swarm_model, hf_model, tokenizer):
+    expected = hf_attentions(hf_model, tokenizer, PROMPT)
+    for value, block in zip(attention_study(swarm_model), (2, 14, 15, 29)):
+        torch.testing.assert_close(value, expected[block], atol=ATOL, rtol=0)

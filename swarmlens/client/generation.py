@@ -53,7 +53,7 @@ def generate(model, graph: Graph, inputs: ModelInputs, config: GenerationConfig,
     opened = SessionOpen(chain, remote_nodes, {node.id: plan.at[node.id] for node in remote_nodes},
                          {step: {block: by_location[block] for block in range(last)}
                           for step, by_location in plan.keep_after.items()},
-                         batch, prompt_length + config.max_new_tokens)
+                         batch, prompt_length + config.max_new_tokens, inputs.attn_implementation)
     session = connection.open_session(chain, opened)
 
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None

@@ -88,7 +88,7 @@ class SwarmModel(TracedModel):
 
         def build(chain):
             return ForwardRequest(hidden, inputs.attention_mask, inputs.position_ids, chain, remote_nodes,
-                                  remote_at, keep_after, sent)
+                                  remote_at, keep_after, sent, inputs.attn_implementation)
 
         response, transfer = self.connection.forward(build, num_tokens=inputs.input_ids.numel())
         interpreter.env.update(response.values)

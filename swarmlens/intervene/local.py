@@ -5,7 +5,8 @@ graph runs in one interpreter, without partition or transport, and generation
 runs through Hugging Face's own `generate`.
 """
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -42,7 +43,8 @@ class LocalModel(TracedModel):
 
         logits = None
         try:
-            with torch.no_grad(), interpreter.hooks():
+            with torch.no_grad(), interpreter.hooks(), attention_implementation(self.hf_model.config,
+                                                                               inputs.attn_implementation):
                 logits = self.hf_model(
                     input_ids=inputs.input_ids,
                     attention_mask=inputs.attention_mask,
@@ -67,7 +69,8 @@ class LocalModel(TracedModel):
             torch.manual_seed(generation.seed)
         counter = self.hf_model.register_forward_pre_hook(count_step, with_kwargs=True)
         try:
-            with torch.no_grad(), interpreter.hooks():
+            with torch.no_grad(), interpreter.hooks(), attention_implementation(self.hf_model.config,
+                                                                               inputs.attn_implementation):
                 output = self.hf_model.generate(
                     input_ids=inputs.input_ids,
                     attention_mask=inputs.attention_mask,
@@ -101,6 +104,22 @@ def _hf_generation_kwargs(generation: GenerationConfig, tokenizer: Any) -> dict:
     else:
         kwargs.update(temperature=None, top_k=None, top_p=None)
     return kwargs
+
+
+@contextlib.contextmanager
+def attention_implementation(config: Any, name: str) -> Iterator[None]:
+    """Switch the attention kernel of modules built from `config` for one run.
+
+    Attention modules and the mask builder read `config._attn_implementation`
+    at call time, so the switch takes effect without rebuilding anything. Not
+    thread-safe: the caller runs one forward at a time on these modules.
+    """
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 class _CallbackStreamer:

@@ -27,6 +27,10 @@ class ModelInputs:
     input_ids: torch.Tensor  # [batch, tokens]
     attention_mask: torch.Tensor  # [batch, tokens], 1 for real tokens, 0 for padding
     position_ids: torch.Tensor  # [batch, tokens], counted from the first real token
+    attn_implementation: str = "sdpa"  # "eager" also returns attention weights, as output[1] of self_attn
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 @dataclasses.dataclass
@@ -59,12 +63,18 @@ class TracedModel:
 
     # --- tracing -----------------------------------------------------------
 
-    def trace(self, inputs: Any = None) -> Tracer:
+    def trace(self, inputs: Any = None, *, attn_implementation: str = "sdpa") -> Tracer:
         """Open a trace: `with model.trace("The capital of France is") as tracer: ...`.
 
         Without inputs, add them with `tracer.invoke(...)` blocks, one batch in all.
+        `attn_implementation="eager"` makes attention modules return their weights
+        (`self_attn.output[1]`), as Hugging Face does with `output_attentions`.
         """
-        return Tracer(self, None if inputs is None else self.prepare_inputs(inputs))
+        _check_attn_implementation(attn_implementation)
+        prepared = None if inputs is None else self.prepare_inputs(inputs)
+        tracer = Tracer(self, prepared)
+        tracer.attn_implementation = attn_implementation
+        return tracer
 
     def combine_inputs(self, parts: list[ModelInputs]) -> ModelInputs:
         """Stack several inputs into one batch, padded on the left to the longest."""
@@ -106,7 +116,8 @@ class TracedModel:
     def generate(self, inputs: Any, max_new_tokens: int = 16, *, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop_tokens: Sequence[int] | None = None,
-                 streamer: Callable[[torch.Tensor], None] | None = None) -> Tracer:
+                 streamer: Callable[[torch.Tensor], None] | None = None,
+                 attn_implementation: str = "sdpa") -> Tracer:
         """Open a traced generation: `with model.generate(prompt, max_new_tokens=8) as tracer: ...`.
 
         Greedy by default; `do_sample=True` samples with `temperature`, `top_k` and
@@ -122,9 +133,12 @@ class TracedModel:
         if stop_tokens is None:
             eos = getattr(self.tokenizer, "eos_token_id", None)
             stop_tokens = [] if eos is None else [eos]
+        _check_attn_implementation(attn_implementation)
         config = GenerationConfig(max_new_tokens, do_sample, temperature, top_k, top_p, seed, tuple(stop_tokens),
                                   streamer)
-        return Tracer(self, self.prepare_inputs(inputs), config)
+        tracer = Tracer(self, self.prepare_inputs(inputs), config)
+        tracer.attn_implementation = attn_implementation
+        return tracer
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_") or name in ("envoy", "skeleton"):
@@ -192,6 +206,11 @@ class TracedModel:
 
     def _run_graph(self, graph: Graph, inputs: ModelInputs, generation: GenerationConfig | None) -> RunResult:
         raise NotImplementedError
+
+
+def _check_attn_implementation(name: str) -> None:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
 
 
 def _pad_left(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:

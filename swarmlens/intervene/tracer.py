@@ -60,6 +60,7 @@ class Tracer:
         self.iter = _StepIndexer(self)
         self._invokes: list | None = [] if inputs is None else None  # ModelInputs of each invoke
         self._rows: slice | None = None  # rows of the open invoke
+        self.attn_implementation = "sdpa"
 
     # --- steps ---------------------------------------------------------------
 
@@ -165,6 +166,7 @@ class Tracer:
             if not self._invokes:
                 raise TraceError("this trace has no inputs: pass them to model.trace(...) or use tracer.invoke(...)")
             self.inputs = self.model.combine_inputs(self._invokes)
+        self.inputs = dataclasses.replace(self.inputs, attn_implementation=self.attn_implementation)
         unrolled = unroll(self.graph, self._templates)
         if self.scan:
             self.result = self.model._scan_graph(unrolled.graph, self.inputs)

@@ -25,9 +25,11 @@ class ForwardRequest:
     at: dict[int, tuple[str, str, int]]  # node id -> (module, kind, step) of the event it runs at
     keep_after: dict[int, list[int]]  # block -> ids carried past it
     values: dict[int, Any]  # carried values: node id -> value
+    attn_implementation: str = "sdpa"
 
     def encode(self) -> bytes:
         return dumps({
+            "attn_implementation": self.attn_implementation,
             "hidden_states": self.hidden_states,
             "attention_mask": self.attention_mask,
             "position_ids": self.position_ids,
@@ -51,6 +53,7 @@ class ForwardRequest:
             at=at,
             keep_after=_decode_keep_after(body["keep_after"]),
             values=_decode_values(body["values"]),
+            attn_implementation=_expect_attn_implementation(body.get("attn_implementation", "sdpa")),
         )
 
 
@@ -138,6 +141,12 @@ def _expect_tensor(value: Any, name: str, dims: int, floating: bool) -> torch.Te
     return value
 
 
+def _expect_attn_implementation(value: Any) -> str:
+    if value not in ("sdpa", "eager"):
+        raise WireError(f"attn_implementation must be 'sdpa' or 'eager', got {value!r}")
+    return value
+
+
 def _is_index(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -152,9 +161,11 @@ class SessionOpen:
     keep_after: dict[int, dict[int, list[int]]]  # step -> block -> ids carried past it
     batch_size: int
     max_length: int  # prompt plus generated tokens
+    attn_implementation: str = "sdpa"
 
     def encode(self) -> bytes:
         return dumps({
+            "attn_implementation": self.attn_implementation,
             "chain": [[hop.peer_id, hop.start, hop.end] for hop in self.chain],
             "nodes": encode_nodes(self.nodes, self.at),
             "keep_after": [[step, [[block, ids] for block, ids in by_block.items()]]
@@ -177,7 +188,8 @@ class SessionOpen:
         nodes, at = decode_nodes(body["nodes"])
         if not (_is_index(body["batch_size"]) and _is_index(body["max_length"])):
             raise WireError("batch_size and max_length must be non-negative ints")
-        return cls(_decode_chain(body["chain"]), nodes, at, keep_after, body["batch_size"], body["max_length"])
+        return cls(_decode_chain(body["chain"]), nodes, at, keep_after, body["batch_size"], body["max_length"],
+                   _expect_attn_implementation(body.get("attn_implementation", "sdpa")))
 
 
 @dataclasses.dataclass

@@ -21,6 +21,7 @@ from swarmlens.intervene.errors import ExecutionError, StopForward
 from swarmlens.intervene.graph import INPUT, OUTPUT, Graph, Node
 from swarmlens.intervene.budget import Limits
 from swarmlens.intervene.interpreter import Interpreter
+from swarmlens.intervene.local import attention_implementation
 from swarmlens.intervene.sites import Architecture, architecture_for
 from swarmlens.intervene.validate import validate
 from swarmlens.intervene.wire import WireError
@@ -184,7 +185,8 @@ class BlockRunner:
         hidden = request.hidden_states
         try:
             with interpreter.hooks():
-                hidden = self._forward(request.hidden_states, request.attention_mask, request.position_ids)
+                hidden = self._forward(request.hidden_states, request.attention_mask, request.position_ids,
+                                       attn_implementation=request.attn_implementation)
         except StopForward:
             pass
         interpreter.check_done()
@@ -216,13 +218,14 @@ class BlockRunner:
 
     @torch.no_grad()
     def _forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                 cache: Any = None) -> torch.Tensor:
-        position_embeddings = self.rotary(hidden, position_ids)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  cache=cache, position_ids=position_ids, layer_idx=self.start)
-        for block in self.blocks:
-            hidden = block(hidden, attention_mask=mask, position_ids=position_ids,
-                           position_embeddings=position_embeddings, cache=cache, use_cache=cache is not None)
+                 cache: Any = None, attn_implementation: str = "sdpa") -> torch.Tensor:
+        with attention_implementation(self.config, attn_implementation):
+            position_embeddings = self.rotary(hidden, position_ids)
+            mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                      cache=cache, position_ids=position_ids, layer_idx=self.start)
+            for block in self.blocks:
+                hidden = block(hidden, attention_mask=mask, position_ids=position_ids,
+                               position_embeddings=position_embeddings, cache=cache, use_cache=cache is not None)
         return hidden
 
     def reserve_session_bytes(self, nbytes: int) -> int:

@@ -49,6 +49,7 @@ class InferenceSession:
         self.interpreter = Interpreter(own, opened.at, runner.modules, keep=keep, limits=runner.limits.graph)
         self.cache = DynamicCache(config=runner.config)
         self.num_nodes = len(own)
+        self.attn_implementation = opened.attn_implementation
         self.nodes_ahead = opened.nodes  # this peer's nodes and those of the peers after it
         self.keep_ahead = opened.keep_after
         self.next_step = 0
@@ -72,7 +73,7 @@ class InferenceSession:
         interpreter.budget.restart_clock()
         with interpreter.hooks():
             hidden = self.runner._forward(message.hidden_states, message.attention_mask, message.position_ids,
-                                          cache=self.cache)
+                                          cache=self.cache, attn_implementation=self.attn_implementation)
         interpreter.check_done(steps=message.step + 1)
 
         values = interpreter.take(self.keep_after.get(message.step, []))
