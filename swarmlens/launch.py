@@ -144,14 +144,14 @@ def _start_peers(
     timeout: float,
 ) -> None:
     # Start all peers first and wait afterwards, so that they load their blocks in parallel.
-    for start, end in spans:
+    for index, (start, end) in enumerate(spans):
         args = ["peer", "--blocks", f"{start}:{end}", "--host", "127.0.0.1", "--initial-peers", *swarm.initial_peers]
         if model is not None:
             args += ["--model", model]
         if runner_factory is not None:
             args += ["--runner-factory", runner_factory]
         args += list(extra_peer_args)
-        log_path = swarm.log_dir / f"peer-{start}-{end}.log"
+        log_path = swarm.log_dir / f"peer-{index}-blocks-{start}-{end}.log"  # the index keeps replicas apart
         process = _spawn(args, log_path)
         # Registered now, so that stop() also ends peers that never become ready.
         swarm.peers.append(PeerProcess(process.pid, "", start, end, log_path, process))

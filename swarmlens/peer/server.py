@@ -16,10 +16,12 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 import hivemind
 import msgpack
 from hivemind.p2p import PeerID
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError, P2PHandlerError
 
 from swarmlens import __version__
 from swarmlens.peer import transport
 from swarmlens.peer.admission import AdmissionControl
+from swarmlens.peer.errors import PeerUnreachableError
 from swarmlens.peer.session_stream import SESSION_PROTOCOL
 
 INFO_PROTOCOL = "swarmlens.info"
@@ -281,8 +283,12 @@ class _PeerSession:
             writer.close()
 
     async def open_session_stream(self, peer_id: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """Open a session stream to the next peer of a chain."""
-        _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), SESSION_PROTOCOL)
+        """Open a session stream to the next peer of a chain; raise PeerUnreachableError if it fails."""
+        try:
+            _, reader, writer = await self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id),
+                                                                          SESSION_PROTOCOL)
+        except (P2PDaemonError, P2PHandlerError, ConnectionError, OSError, asyncio.IncompleteReadError) as error:
+            raise PeerUnreachableError(peer_id, f"cannot open a session stream: {error}") from error
         return reader, writer
 
     async def forward(self, peer_id: str, payload: bytes) -> bytes:
