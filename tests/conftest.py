@@ -19,6 +19,9 @@ from typing import Any, Awaitable, Iterator
 import psutil
 import pytest
 
+# Fixtures that load the real default model, shared by every test module.
+from tests.model_fixtures import checkpoint_path, hf_model, local_model, swarm_model, tokenizer  # noqa: F401
+
 logger = logging.getLogger(__name__)
 
 ECHO_RUNNER = "tests.echo_runner:create_echo_runner"

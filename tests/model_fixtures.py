@@ -34,3 +34,13 @@ def local_model(hf_model, tokenizer):
     from swarmlens.intervene import LocalModel
 
     return LocalModel(hf_model, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def swarm_model(local_swarm, checkpoint_path):
+    """A client of the session's local swarm (two real peer processes)."""
+    from swarmlens.client import SwarmModel
+
+    model = SwarmModel.from_pretrained(str(checkpoint_path), initial_peers=local_swarm.initial_peers)
+    yield model
+    model.close()

@@ -6,7 +6,6 @@ import signal
 import pytest
 import torch
 
-from tests.model_fixtures import checkpoint_path, hf_model, local_model, tokenizer  # noqa: F401
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

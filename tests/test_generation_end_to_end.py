@@ -9,22 +9,12 @@ import time
 import pytest
 import torch
 
-from tests.model_fixtures import checkpoint_path, hf_model, local_model, tokenizer  # noqa: F401
 from tests.test_generation_local import hf_generate
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 ATOL = 1e-5
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time"]
-
-
-@pytest.fixture(scope="module")
-def swarm_model(local_swarm, checkpoint_path):
-    from swarmlens.client import SwarmModel
-
-    model = SwarmModel.from_pretrained(str(checkpoint_path), initial_peers=local_swarm.initial_peers)
-    yield model
-    model.close()
 
 
 def open_sessions(swarm_model, local_swarm) -> list[int]:

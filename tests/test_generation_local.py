@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from swarmlens.intervene import TraceError
-from tests.model_fixtures import checkpoint_path, hf_model, local_model, tokenizer  # noqa: F401
 
 PROMPTS = ["The capital of France is", "def add(a, b):"]
 

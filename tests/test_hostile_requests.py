@@ -12,7 +12,6 @@ import pytest
 import torch
 from hivemind.p2p import PeerID
 
-from tests.model_fixtures import checkpoint_path, hf_model, local_model, tokenizer  # noqa: F401
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from swarmlens.intervene import ExecutionError, InvalidGraphError, TraceError, load_graph, save_graph
-from tests.model_fixtures import checkpoint_path, hf_model, local_model, tokenizer  # noqa: F401
 
 ATOL = 1e-5
 PROMPT = "The capital of France is"

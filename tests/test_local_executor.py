@@ -6,7 +6,6 @@ agree to 1e-5 absolute (observed: bit-identical).
 
 import torch
 
-from tests.model_fixtures import checkpoint_path, hf_model, local_model, tokenizer  # noqa: F401
 
 ATOL = 1e-5
 PROMPT = "The capital of France is"
@@ -111,3 +110,26 @@ def test_torch_functions_and_operators_record(local_model):
     values, indices = top.value  # named tuples come back as plain tuples, as from the swarm
     assert indices.shape == (3,)
     assert values[0] >= values[1] >= values[2]
+
+
+def test_input_forms_give_same_logits(local_model, tokenizer):
+    encoded = tokenizer(PROMPT, return_tensors="pt")
+    forms = [PROMPT, [PROMPT], encoded["input_ids"], encoded["input_ids"][0],
+             {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}]
+    results = []
+    for form in forms:
+        with local_model.trace(form) as tracer:
+            pass
+        results.append(tracer.logits)
+    for logits in results[1:]:
+        torch.testing.assert_close(logits, results[0], atol=0, rtol=0)
+
+
+def test_batched_prompt_matches_alone_within_tolerance(local_model):
+    prompts = [PROMPT, "A much longer prompt that forces padding on the first row"]
+    with local_model.trace(prompts) as batched:
+        pass
+    with local_model.trace(PROMPT) as alone:
+        pass
+    # Left padding: the prompt's tokens are the last ones of its row.
+    torch.testing.assert_close(batched.logits[0, -alone.logits.shape[1]:], alone.logits[0], atol=1e-4, rtol=0)

@@ -9,21 +9,11 @@ import pytest
 import torch
 
 from swarmlens.intervene import ExecutionError, InvalidGraphError, OrderError, TraceError
-from tests.model_fixtures import checkpoint_path, hf_model, local_model, tokenizer  # noqa: F401
 
 pytestmark = [pytest.mark.network, pytest.mark.slow]
 
 ATOL = 1e-5
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a quiet village by the sea,"]
-
-
-@pytest.fixture(scope="module")
-def swarm_model(local_swarm, checkpoint_path):
-    from swarmlens.client import SwarmModel
-
-    model = SwarmModel.from_pretrained(str(checkpoint_path), initial_peers=local_swarm.initial_peers)
-    yield model
-    model.close()
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import torch
 
 from swarmlens.intervene import InvalidGraphError, OrderError, TraceError
 from swarmlens.intervene.envoy import ModulePathError
-from tests.model_fixtures import checkpoint_path, hf_model, local_model, tokenizer  # noqa: F401
 
 PROMPT = "The capital of France is"
 

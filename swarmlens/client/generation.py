@@ -42,7 +42,6 @@ def generate(model, graph: Graph, inputs: ModelInputs, config: GenerationConfig,
              exclude: frozenset[str] = frozenset()) -> RunResult:
     """Run one traced generation on a fresh session; raise on any peer failure."""
     connection = model.connection
-    architecture = model.architecture
     last = model.num_blocks
     interpreter = Interpreter(plan.nodes.get(-1, []) + plan.nodes.get(last, []), plan.at, model._client_modules,
                               keep=set(graph.saved()) | plan.client_keep())
