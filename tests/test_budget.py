@@ -89,7 +89,7 @@ def test_expand_then_copy_is_rejected():
 
 @pytest.mark.parametrize("keyword", ["out", "device"])
 def test_out_and_device_keywords_are_invalid(keyword):
-    graph = graph_with(Op.FUNCTION, "torch.abs", (Ref(0),), {keyword: None})
+    graph = graph_with(Op.FUNCTION, "torch.abs", (Ref(0),), {keyword: "cpu" if keyword == "device" else Ref(0)})
     with pytest.raises(InvalidGraphError, match=f"keyword argument '{keyword}' is not allowed"):
         validate(graph, SITES, set())
 

@@ -4,8 +4,8 @@ Three families:
 
 - Random valid programs (sites on blocks 0..29, allow-listed operators, methods
   and functions, saves and edits) traced on the local executor and on a real
-  two-peer swarm; every saved value and the logits must agree (float32,
-  1e-5 absolute: the peers run the same float32 ops as a local forward).
+  two-peer swarm. Every saved value and the logits must agree to 1e-5 absolute
+  in float32, because the peers run the same float32 ops as a local forward.
 - Random invalid programs, which the client must reject before it sends
   anything, with an error that names the line of this file.
 - The wire format: random graphs survive a round trip unchanged, and random
@@ -41,11 +41,10 @@ FIRST_PEER_END = 15  # local_swarm serves blocks 0:15 and 15:30
 HIDDEN = 576
 LIMIT = 2**24
 
-# The generator sidesteps two bugs found by these tests (see the xfail tests at the end):
-# a value freed before its last use, and an in-place edit of block 15's input that reaches
-# a value read at block 14's output locally but not on the swarm. Set to False to let the
-# generator produce those programs again.
-AVOID_KNOWN_BUGS = True
+# An in-place edit of block 15's entry is the same tensor as block 14's output; when block
+# 14's output was read, scheduling rejects such an edit (the tests at the end check it), so
+# the generator of valid programs avoids it.
+AVOID_SHARED_TENSOR_EDITS = True
 
 # Sites of one block whose value is a [batch, tokens, 576] tensor, in the order they run.
 BLOCK_SITES = (
@@ -70,9 +69,12 @@ CALLABLE_SUBMODULES = ("input_layernorm", "post_attention_layernorm", "mlp", "se
 
 @contextlib.contextmanager
 def one_compute_thread():
-    """Run torch on one thread: on a busy 2-core machine, two threads made each linear layer
-    about 50 times slower (24 ms instead of 0.4 ms). Only for local-only checks: results
-    depend on the thread count (logits moved by 3e-5), and the peers use the default count."""
+    """Run torch on one thread inside the block.
+
+    On a busy 2-core machine (load 5), two threads made one linear layer about 50 times
+    slower (24 ms instead of 0.4 ms). Use it only for local-only checks, because results
+    depend on the thread count (logits moved by 3e-5) and the peers use the default count.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -163,8 +165,8 @@ UNARY = {
     "sign_times": lambda x, c: x.sign() * x,
 }
 
-# F.normalize passes out=None to __torch_function__, which validation rejects (bug 3).
-UNARY_NAMES = sorted(set(UNARY) - ({"normalize"} if AVOID_KNOWN_BUGS else set()))
+# F.normalize passes out=None to __torch_function__, and validation rejects any `out`.
+UNARY_NAMES = sorted(UNARY)
 
 # Binary ops of two values of the same kind.
 BINARY = {
@@ -202,7 +204,7 @@ BROADCAST = {
 @dataclasses.dataclass
 class _Value:
     kind: str  # "H" or "L"
-    group: int  # index of the site group that created it; -1 for client values
+    group: int  # index of the site group that created it
 
 
 @st.composite
@@ -228,7 +230,7 @@ def valid_programs(draw, edits: bool = True, lens: bool = True):
 
         for _ in range(draw(st.integers(0, 3))):
             current = [i for i, value in enumerate(values) if value.group == group]
-            pool = current if AVOID_KNOWN_BUGS else list(range(len(values)))
+            pool = list(range(len(values)))
             family = draw(st.sampled_from(["unary", "unary", "binary", "reduce", "broadcast", "call"]))
             x = draw(st.sampled_from(pool))
             kind = values[x].kind
@@ -257,14 +259,14 @@ def valid_programs(draw, edits: bool = True, lens: bool = True):
 
         if edits and draw(st.booleans()):
             kinds = ["assign", "slice", "iadd_slice", "iadd", "scale_slice"]
-            # An in-place edit of block 15's entry also changes block 14's output locally (bug 2).
-            in_place_hazard = (AVOID_KNOWN_BUGS and block == FIRST_PEER_END and site in BLOCK_ENTRY_SITES
+            # An in-place edit of block 15's entry also changes block 14's output, but only locally.
+            in_place_hazard = (AVOID_SHARED_TENSOR_EDITS and block == FIRST_PEER_END and site in BLOCK_ENTRY_SITES
                                and first_block_14_read is not None)
             if in_place_hazard:
                 kinds = ["assign", "iadd"]
             kind = draw(st.sampled_from(kinds))
-            wanted = "L" if kind in ("slice", "iadd_slice") else "H"
-            candidates = [i for i, value in enumerate(values) if value.kind == wanted]
+            expected_kind = "L" if kind in ("slice", "iadd_slice") else "H"
+            candidates = [i for i, value in enumerate(values) if value.kind == expected_kind]
             if candidates:
                 steps.append(Edit(kind, draw(st.sampled_from(candidates)), draw(constants)))
 
@@ -357,9 +359,8 @@ def assert_same_results(actual, expected) -> None:
 # --- valid programs on the local executor -------------------------------------------------
 
 
-# Hypothesis calls hasattr() on a test's first argument, and attribute lookup on a traced
-# model raises ModulePathError for names that are not submodules; so tests receive the
-# models inside a namespace.
+# Hypothesis calls hasattr() on a test's first argument. Attribute lookup on a traced model
+# raises ModulePathError for names that are not submodules, so tests get models in a namespace.
 @pytest.fixture(scope="module")
 def local(local_model):
     return types.SimpleNamespace(model=local_model)
@@ -374,7 +375,7 @@ def plain_logits(local_model):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=valid_programs(edits=False))
-def test_reads_saves_and_module_calls_leave_the_forward_unchanged(local, plain_logits, program):
+def test_reads_leave_logits_unchanged(local, plain_logits, program):
     with one_compute_thread():
         saved, logits = run_program(local.model, program)
     assert len(saved) == sum(isinstance(step, LogitLens) or getattr(step, "save", False) for step in program)
@@ -383,7 +384,7 @@ def test_reads_saves_and_module_calls_leave_the_forward_unchanged(local, plain_l
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=valid_programs())
-def test_random_programs_run_locally_and_repeat_exactly(local, program):
+def test_programs_repeat_locally(local, program):
     with one_compute_thread():
         first = run_program(local.model, program)
         assert_same_results(run_program(local.model, program), first)
@@ -410,7 +411,7 @@ def swarm(swarm_model):
 @pytest.mark.slow
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(program=valid_programs(), prompt=st.sampled_from(PROMPTS))
-def test_random_programs_match_between_swarm_and_local(swarm, local, program, prompt):
+def test_programs_match_swarm_and_local(swarm, local, program, prompt):
     assert_same_results(run_program(swarm.model, program, prompt), run_program(local.model, program, prompt))
 
 
@@ -452,15 +453,15 @@ def _method_outside_allow_list(model, block: int, name: str) -> None:
     getattr(hidden, name)().save()
 
 
-def _edit_from_later_site(model, sites, how: str) -> None:
+def _edit_from_later_site(model, sites, edit_kind: str) -> None:
     (early_block, early_site), (late_block, late_site) = sites
     early_path, early_kind = BLOCK_SITES[early_site]
     late = getattr(_module(model, late_block, BLOCK_SITES[late_site][0]), BLOCK_SITES[late_site][1])
     early = _module(model, early_block, early_path)
-    if how == "assign":
+    if edit_kind == "assign":
         _expect_next_line()
         setattr(early, early_kind, late * 2)
-    elif how == "slice":
+    elif edit_kind == "slice":
         target = getattr(early, early_kind)
         _expect_next_line()
         target[:, -1] = late[:, -1]
@@ -481,12 +482,9 @@ def _module_call_after_its_block(model, blocks, module: str) -> None:
 
 # Torch functions outside the allow-list, with keyword arguments that make each call well formed.
 INVALID_FUNCTIONS = [
-    (function, kwargs) for function, kwargs in [
-        (torch.logsumexp, {"dim": -1}), (torch.cumprod, {"dim": -1}), (torch.flip, {"dims": [-1]}),
-        (torch.sort, {"dim": -1}), (torch.exp2, {}), (F.dropout, {"p": 0.5}), (F.elu, {}), (torch.square, {}),
-        (torch.nan_to_num, {}), (torch.roll, {"shifts": 1}), (torch.logcumsumexp, {"dim": -1}),
-    ]
-    if ops.function_name(function) is None
+    (torch.logsumexp, {"dim": -1}), (torch.cumprod, {"dim": -1}), (torch.flip, {"dims": [-1]}),
+    (torch.sort, {"dim": -1}), (torch.exp2, {}), (F.dropout, {"p": 0.5}), (F.elu, {}), (torch.square, {}),
+    (torch.nan_to_num, {}), (torch.roll, {"shifts": 1}), (torch.logcumsumexp, {"dim": -1}),
 ]
 _SUBMODULE_NAMES = {"input_layernorm", "self_attn", "post_attention_layernorm", "mlp"}
 INVALID_METHODS = sorted(
@@ -558,7 +556,7 @@ def _assert_rejected(model, case) -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(case=invalid_programs())
-def test_invalid_programs_are_rejected_locally_naming_the_line(local, case):
+def test_invalid_programs_rejected_locally(local, case):
     _assert_rejected(local.model, case)
 
 
@@ -589,7 +587,7 @@ def counting_requests(model):
 @pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(case=invalid_programs())
-def test_invalid_programs_are_rejected_before_sending(swarm, case):
+def test_invalid_programs_rejected_before_sending(swarm, case):
     with counting_requests(swarm.model) as calls:
         _assert_rejected(swarm.model, case)
     assert calls == []
@@ -616,7 +614,7 @@ step_block_cases = dict(block=st.integers(0, NUM_BLOCKS - 1), steps=st.integers(
 
 @settings(max_examples=20, deadline=None)
 @given(**step_block_cases)
-def test_step_block_value_used_outside_is_rejected_locally(local, block, steps, use):
+def test_step_value_outside_rejected_locally(local, block, steps, use):
     _assert_step_value_rejected(local.model, block, steps, use)
 
 
@@ -624,7 +622,7 @@ def test_step_block_value_used_outside_is_rejected_locally(local, block, steps, 
 @pytest.mark.slow
 @settings(max_examples=10, deadline=None)
 @given(**step_block_cases)
-def test_step_block_value_used_outside_is_rejected_before_sending(swarm, block, steps, use):
+def test_step_value_outside_rejected_before_sending(swarm, block, steps, use):
     with counting_requests(swarm.model) as calls:
         _assert_step_value_rejected(swarm.model, block, steps, use)
     assert calls == []
@@ -694,10 +692,12 @@ def graphs(draw):
 def assert_same_value(actual, expected) -> None:
     if isinstance(expected, torch.Tensor):
         assert isinstance(actual, torch.Tensor)
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape
+        assert actual.dtype == expected.dtype
+        assert actual.shape == expected.shape
         assert _bytes_of(actual) == _bytes_of(expected)
     elif isinstance(expected, (tuple, list)):
-        assert type(actual) is type(expected) and len(actual) == len(expected)
+        assert type(actual) is type(expected)
+        assert len(actual) == len(expected)
         for item, expected_item in zip(actual, expected):
             assert_same_value(item, expected_item)
     elif isinstance(expected, dict):
@@ -717,7 +717,7 @@ def _bytes_of(tensor: torch.Tensor) -> list[int]:
 
 @settings(max_examples=300, deadline=None)
 @given(graph=graphs(), with_events=st.booleans())
-def test_random_graphs_survive_the_wire_unchanged(graph, with_events):
+def test_random_graphs_round_trip(graph, with_events):
     at = {node.id: (f"model.layers.{node.id}", "output", node.id % 4) for node in graph.nodes} if with_events else None
     nodes, decoded_at = decode_nodes(loads(dumps(encode_nodes(graph.nodes, at)), LIMIT))
     assert decoded_at == (at or {})
@@ -732,7 +732,7 @@ def test_random_graphs_survive_the_wire_unchanged(graph, with_events):
 
 @settings(max_examples=300, deadline=None)
 @given(value=arguments(4))
-def test_random_values_survive_the_wire_unchanged(value):
+def test_random_values_round_trip(value):
     assert_same_value(loads(dumps(value), LIMIT), value)
 
 
@@ -757,7 +757,7 @@ def mutated_messages(draw):
 
 @settings(max_examples=1000, deadline=None)
 @given(data=mutated_messages())
-def test_mutated_messages_decode_or_raise_wire_error(data):
+def test_mutated_messages_raise_wire_error(data):
     try:
         decode_nodes(loads(data, LIMIT))
     except WireError:
@@ -766,19 +766,17 @@ def test_mutated_messages_decode_or_raise_wire_error(data):
 
 @settings(max_examples=300, deadline=None)
 @given(data=st.binary(max_size=64))
-def test_random_bytes_decode_or_raise_wire_error(data):
+def test_random_bytes_raise_wire_error(data):
     try:
         decode_nodes(loads(data, LIMIT))
     except WireError:
         pass
 
 
-# --- bugs found by the generators, kept as reproductions ----------------------------------
+# --- bugs found by the generators, kept as regression tests --------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="bug 1: the interpreter frees a value after its last user in trace order, "
-                                       "but a later-traced user can run at an earlier event")
-def test_value_used_by_a_later_edit_and_saved_afterwards(local_model):
+def test_value_saved_after_later_edit(local_model):
     with local_model.trace(PROMPTS[0]):
         last = local_model.model.layers[3].output[:, -1]
         local_model.model.layers[5].output[:, -1] += last  # runs at block 5
@@ -788,22 +786,18 @@ def test_value_used_by_a_later_edit_and_saved_afterwards(local_model):
 
 @pytest.mark.network
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="bug 2: block 14's output and block 15's input are one tensor locally but "
-                                       "two on the swarm, so an in-place edit of one reaches the other only locally")
-def test_in_place_edit_of_block_15_input_after_reading_block_14_output(swarm_model, local_model):
-    def study(model):
-        with model.trace(PROMPTS[0]) as tracer:
-            last = model.model.layers[14].output[:, -1]
-            model.model.layers[15].input[:, -1] = 0.0
-            model.model.layers[20].output[:, -1] += last
-        return tracer.logits
-
-    torch.testing.assert_close(study(swarm_model), study(local_model), atol=ATOL, rtol=0)
+def test_in_place_edit_across_peers_is_rejected(swarm_model, local_model):
+    # Block 14's output and block 15's input are one tensor locally but two copies on the
+    # swarm, so both executors reject the in-place edit instead of disagreeing.
+    for model in (swarm_model, local_model):
+        with pytest.raises(OrderError, match="also model.layers.14.output"):
+            with model.trace(PROMPTS[0]):
+                last = model.model.layers[14].output[:, -1]
+                model.model.layers[15].input[:, -1] = 0.0
+                model.model.layers[20].output[:, -1] += last
 
 
-@pytest.mark.xfail(strict=True, reason="bug 3: F.normalize passes out=None to __torch_function__, and validation "
-                                       "rejects any 'out' keyword, so the allow-listed function cannot be traced")
-def test_normalize_is_traceable(local_model):
+def test_normalize_traces(local_model):
     with local_model.trace(PROMPTS[0]):
         normalized = F.normalize(local_model.model.layers[2].output, dim=-1).save()
     torch.testing.assert_close(normalized.value.norm(dim=-1), torch.ones(1, normalized.value.shape[1]))

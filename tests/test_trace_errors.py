@@ -101,3 +101,9 @@ def test_slice_bound_from_proxy_is_invalid(local_model):
 def test_invalid_input_type(local_model):
     with pytest.raises(TypeError, match="inputs must be a string"):
         local_model.trace(3.5)
+
+
+def test_hasattr_on_model_and_envoy(local_model):
+    assert hasattr(local_model, "model")
+    assert not hasattr(local_model, "decoder")
+    assert not hasattr(local_model.model.layers[0], "attention")

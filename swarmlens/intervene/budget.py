@@ -24,7 +24,7 @@ class Limits:
 
     max_numel: int = 2**28  # elements in any one value: 1 GiB of float32
     max_int_exponent: int = 64  # largest exponent for ** on two Python ints
-    max_flops_per_node: int = 2**36  # about 69 GFLOP: tens of seconds on a two-core CPU at worst
+    max_flops_per_node: int = 2**36  # about 69 GFLOP; estimated at tens of seconds on a two-core CPU
     max_seconds: float = 60.0  # wall time of the graph's nodes in one run (one step of a session)
 
 

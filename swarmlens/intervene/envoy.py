@@ -13,12 +13,16 @@ if TYPE_CHECKING:
     from swarmlens.intervene.model import TracedModel
 
 
-class ModulePathError(InvalidGraphError):
+class ModulePathError(InvalidGraphError, AttributeError):
     """A module path that does not exist in the model, or has no sites.
 
-    Not an AttributeError: the `output` property raises it, and Python would
-    turn an AttributeError from a property into a misleading `__getattr__` call.
+    An AttributeError, so `hasattr(model, name)` works. When the `output`,
+    `input` or `inputs` property raises it, Python retries through
+    `__getattr__`, which runs the property again to re-raise the real error.
     """
+
+
+_SITE_PROPERTIES = ("output", "input", "inputs")
 
 
 class Envoy:
@@ -35,6 +39,8 @@ class Envoy:
     def __getattr__(self, name: str) -> "Envoy":
         if name.startswith("__"):
             raise AttributeError(name)
+        if name in _SITE_PROPERTIES:
+            return getattr(type(self), name).fget(self)
         child = self._module._modules.get(name)
         if child is None and name in self._model.aliases:
             return self._alias(name)

@@ -29,7 +29,8 @@ class Interpreter:
     """
 
     def __init__(self, nodes: Iterable[Node], at: dict[int, tuple[str, str, int]], modules: dict[str, nn.Module],
-                 values: dict[int, Any] | None = None, keep: Iterable[int] = (), limits: Limits = Limits()):
+                 values: dict[int, Any] | None = None, keep: Iterable[int] = (), limits: Limits = Limits(),
+                 events: list[int] | None = None):
         self.nodes = list(nodes)
         self.modules = modules
         self.env: dict[int, Any] = dict(values or {})
@@ -40,7 +41,9 @@ class Interpreter:
         for node in self.nodes:
             self.pending.setdefault(tuple(at[node.id]), []).append(node)
         self.step = 0
-        self.last_user = _last_users(self.nodes)
+        # Nodes run in (event, id) order, which can differ from trace order. Without the
+        # event numbers of the schedule, values stay until the interpreter is dropped.
+        self.last_user = _last_users(self.nodes, events) if events is not None else {}
         self._site_value: Any = None
         self._site_inputs: tuple[tuple, dict] | None = None  # (args, kwargs) during an input event
         self._suspended = False
@@ -287,9 +290,10 @@ def _require_tensor(value: Any, action: str) -> None:
         raise TypeError(f"can only {action} a tensor, got {type(value).__name__}")
 
 
-def _last_users(nodes: list[Node]) -> dict[int, int]:
+def _last_users(nodes: list[Node], events: list[int]) -> dict[int, int]:
+    """Map each value to the node that reads it last in execution order: (event, id)."""
     last_user: dict[int, int] = {}
-    for node in nodes:
+    for node in sorted(nodes, key=lambda node: (events[node.id], node.id)):
         for ref in node.refs():
             last_user[ref] = node.id
     return last_user

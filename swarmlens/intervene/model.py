@@ -101,7 +101,8 @@ class TracedModel:
                 self._scan_model = type(self.skeleton)(self.config).eval()
         nodes = [dataclasses.replace(node, args=_to_meta(node.args), kwargs=_to_meta(node.kwargs))
                  for node in graph.nodes]
-        interpreter = Interpreter(nodes, plan.at, dict(self._scan_model.named_modules()), keep=graph.saved())
+        interpreter = Interpreter(nodes, plan.at, dict(self._scan_model.named_modules()), keep=graph.saved(),
+                                  events=plan.events)
 
         logits = None
         input_ids = torch.empty(inputs.input_ids.shape, dtype=torch.int64, device="meta")

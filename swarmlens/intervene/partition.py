@@ -29,6 +29,7 @@ class Partition:
     at: dict[int, tuple[str, str, int]]  # node id -> (module, kind, step) of the event it runs at
     locations: list[int]  # node id -> location
     steps: list[int]  # node id -> step
+    events: list[int]  # node id -> event number it runs at; with the id, the execution order
 
     def nodes_for_span(self, start: int, end: int) -> list[Node]:
         return [node for block in range(start, end) for node in self.nodes.get(block, [])]
@@ -53,7 +54,8 @@ def partition(graph: Graph, schedule: Schedule, order: SiteOrder) -> Partition:
     }
 
     at = {node.id: order.site_of_event(schedule.events[node.id]) for node in graph.nodes}
-    return Partition(num_blocks, num_steps, nodes, keep_after, at, schedule.locations, schedule.steps)
+    return Partition(num_blocks, num_steps, nodes, keep_after, at, schedule.locations, schedule.steps,
+                     schedule.events)
 
 
 def _consumers(graph: Graph, schedule: Schedule) -> dict[int, set[tuple[int, int]]]:

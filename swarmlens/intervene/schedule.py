@@ -48,6 +48,7 @@ def schedule(graph: Graph, order: SiteOrder) -> Schedule:
             delay[root] = max(delay.get(root, 0), event)
 
     locations = [order.location_of_event(event) for event in events]
+    _check_shared_tensor_edits(graph, order, events, alias_root)
     return Schedule(events, locations, [event // order.size for event in events])
 
 
@@ -106,6 +107,43 @@ def _check_in_place_edit(node: Node, event: int, order: SiteOrder, graph: Graph,
     root = graph.nodes[alias_root[target.node]]
     if root.op is Op.READ and event > events[root.id]:
         _too_late(node, f"edits {root.site} in place", event, order)
+
+
+def _check_shared_tensor_edits(graph: Graph, order: SiteOrder, events: list[int], alias_root: list[int]) -> None:
+    """Reject an in-place edit of a tensor that another location read earlier as another site.
+
+    Locally, block k's output and block k + 1's input are one tensor, so editing one
+    in place also changes a value read from the other. When the two sites run on
+    different peers (or on the client), each side holds its own copy and the edit
+    would not reach the earlier value, so the two executors would disagree.
+    """
+    reads = [node for node in graph.nodes if node.op is Op.READ and node.site.kind != "inputs"]
+    for node in graph.nodes:
+        if node.op is not Op.SETITEM:
+            continue
+        root = graph.nodes[alias_root[node.args[0].node]]
+        if root.op is not Op.READ or root.site.kind == "inputs":
+            continue
+        group = order.shared.get((root.site.module, root.site.event_kind))
+        edit_location = order.location_of_event(events[node.id])
+        if group is None:
+            continue
+        for read in reads:
+            same_tensor = order.shared.get((read.site.module, read.site.event_kind)) == group
+            if (same_tensor and read.site.step == root.site.step and events[read.id] < events[node.id]
+                    and order.location_of_event(events[read.id]) != edit_location):
+                raise OrderError(
+                    f"node %{node.id} edits {root.site} in place, but that tensor is also {read.site}, read by "
+                    f"node %{read.id} on {order.describe_location(order.location_of_event(events[read.id]))}; "
+                    "the edit would change that value locally but not on the swarm. Assign the whole site "
+                    f"instead (for example `{_site_attribute(root.site)} = new_value`), which leaves the read "
+                    "value unchanged",
+                    node.source,
+                )
+
+
+def _site_attribute(site) -> str:
+    return f"{site.module}.{site.kind}"
 
 
 def _too_late(node: Node, action: str, latest: int, order: SiteOrder) -> None:

@@ -9,6 +9,7 @@ norm and LM head after them) or on the peer that holds its block.
 
 import dataclasses
 import re
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,9 +56,10 @@ class SiteOrder:
     """
 
     def __init__(self, events: list[tuple[str, str]], architecture: Architecture, num_blocks: int,
-                 tensor_sites: set[tuple[str, str]] | None = None):
+                 tensor_sites: set[tuple[str, str]] | None = None, shared: dict[tuple[str, str], int] | None = None):
         self.events = events
         self.tensor_sites = tensor_sites if tensor_sites is not None else set(events)
+        self.shared = shared or {}  # site -> group of sites that hold the same tensor object
         self.size = len(events)
         self.architecture = architecture
         self.num_blocks = num_blocks
@@ -69,8 +71,9 @@ class SiteOrder:
     @classmethod
     def from_skeleton(cls, skeleton: nn.Module, architecture: Architecture, num_blocks: int) -> "SiteOrder":
         tensor_sites: set[tuple[str, str]] = set()
-        events = _record_events(skeleton, architecture, tensor_sites)
-        return cls(events, architecture, num_blocks, tensor_sites)
+        shared: dict[tuple[str, str], int] = {}
+        events = _record_events(skeleton, architecture, tensor_sites, shared)
+        return cls(events, architecture, num_blocks, tensor_sites, shared)
 
     def event_of(self, site: Site) -> int:
         return site.step * self.size + self.index[(site.module, site.event_kind)]
@@ -123,25 +126,32 @@ def _is_site_module(path: str, architecture: Architecture) -> bool:
     return False
 
 
-def _record_events(skeleton: nn.Module, architecture: Architecture,
-                   tensor_sites: set[tuple[str, str]]) -> list[tuple[str, str]]:
+def _record_events(skeleton: nn.Module, architecture: Architecture, tensor_sites: set[tuple[str, str]],
+                   shared: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
     """Run the meta skeleton once and list (module path, kind) in call order.
 
-    Also adds to `tensor_sites` the sites whose value is a single tensor.
+    Also adds to `tensor_sites` the sites whose value is a single tensor, and
+    fills `shared` with a group number per site whose tensor is the very same
+    object as another site's (block k's output is block k + 1's input).
     """
     events: list[tuple[str, str]] = []
     handles = []
+    seen: dict[int, tuple[torch.Tensor, int]] = {}  # id -> (tensor kept alive so ids stay unique, group)
+
+    def note(site: tuple[str, str], value: Any) -> None:
+        if not isinstance(value, torch.Tensor):
+            return
+        tensor_sites.add(site)
+        _, group = seen.setdefault(id(value), (value, len(seen)))
+        shared[site] = group
 
     def on_input(module, args, kwargs, path):
         events.append((path, INPUT))
-        first = args[0] if args else next(iter(kwargs.values()), None)
-        if isinstance(first, torch.Tensor):
-            tensor_sites.add((path, INPUT))
+        note((path, INPUT), args[0] if args else next(iter(kwargs.values()), None))
 
     def on_output(module, args, output, path):
         events.append((path, OUTPUT))
-        if isinstance(output, torch.Tensor):
-            tensor_sites.add((path, OUTPUT))
+        note((path, OUTPUT), output)
 
     for path, module in skeleton.named_modules():
         if not _is_site_module(path, architecture):

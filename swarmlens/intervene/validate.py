@@ -99,7 +99,8 @@ def _check_arguments(node: Node, produced: dict[int, Op], known: set[int]) -> No
     if not all(isinstance(key, str) for key in node.kwargs):
         _fail(node, "keyword argument names must be strings")
     for key in _FORBIDDEN_KWARGS.keys() & node.kwargs.keys():
-        _fail(node, f"keyword argument {key!r} is not allowed: {_FORBIDDEN_KWARGS[key]}")
+        if node.kwargs[key] is not None:  # torch's Python functions pass out=None on their own
+            _fail(node, f"keyword argument {key!r} is not allowed: {_FORBIDDEN_KWARGS[key]}")
     for leaf in iter_leaves((node.args, node.kwargs)):
         if not isinstance(leaf, _LEAF_TYPES):
             _fail(node, f"argument of type {type(leaf).__name__} cannot appear in a graph")
