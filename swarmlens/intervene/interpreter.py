@@ -1,8 +1,9 @@
 """The interpreter that runs graph nodes inline, through hooks, while modules execute.
 
 The local executor, the client and every peer use this one class. Values live
-in an environment keyed by node id and are freed after their last use unless
-they must be kept (saved values and values carried to a later location).
+in an environment keyed by node id. Given the schedule's event numbers, a value
+is freed after its last use in execution order, unless it must be kept (saved
+values and values carried to a later location).
 """
 
 import contextlib
