@@ -12,14 +12,14 @@ from typing import Iterator
 import torch
 
 PROMPT = "The capital of France is"
-EDIT_BLOCK_FRACTION = 2 / 3  # block 20 of 30: late enough that the answer is formed
+EDIT_BLOCK_FRACTION = 2 / 3  # block 20 of 30: late enough that the prediction is formed
 EDIT_SCALE = 0.0  # ablate the last position's hidden states at that block
 PATCH_SOURCE_FRACTION = 1 / 6  # block 5 of 30, on the first peer
 PATCH_TARGET_FRACTION = 5 / 6  # block 25 of 30, on the second peer
 GENERATION_PROMPT = "The capital of France is"
 GENERATION_TOKENS = 12
 STEER_BLOCK_FRACTION = 2 / 3  # block 20 of 30
-STEER_SCALE = 8.0  # times a fixed random direction; enough to change this small model's answer
+STEER_SCALE = 8.0  # times a fixed random direction; enough to change this small model's prediction
 STEER_SEED = 0
 
 
@@ -110,7 +110,7 @@ def _logit_lens(model) -> None:
         token = int(probabilities.value[0].argmax())
         print(f"   {index:>5}  {model.tokenizer.decode(token)!r:<14} {float(probabilities.value[0, token]):.3f}"
               f"  peer {where.get(index, '?'):<17} client")
-    print(f"   the model's answer: {_top(model, tracer.logits)}")
+    print(f"   the model's prediction: {_top(model, tracer.logits)}")
 
 
 def _edit(model, block: int) -> None:
@@ -157,7 +157,7 @@ def _generation(model, block: int) -> None:
     print(f"   plain:   {model.tokenizer.decode(plain.output[0], skip_special_tokens=True)!r}")
     print(f"   steered: {model.tokenizer.decode(steered.output[0], skip_special_tokens=True)!r}")
     print(f"   (steering: layers[{block}].output[:, -1] += {STEER_SCALE} * a random direction, at every step, "
-          f"run on the peer that holds block {block})")
+          f"run on the peer that serves block {block})")
     print(f"   {transfer['steps']} steps; bytes sent per step: {transfer['bytes_sent_per_step']}")
 
 

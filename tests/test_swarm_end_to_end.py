@@ -128,7 +128,7 @@ def test_invalid_graphs_fail_before_sending(swarm_model, forward_calls):
     assert forward_calls == []
 
 
-def test_peer_error_reaches_client_with_type_peer_and_line(swarm_model, local_swarm, forward_calls):
+def test_peer_error_names_type_peer_line(swarm_model, local_swarm, forward_calls):
     with pytest.raises(ExecutionError) as raised:
         with swarm_model.trace(PROMPTS[0]):
             (swarm_model.model.layers[20].output @ torch.ones(3, 3)).save()

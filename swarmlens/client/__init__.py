@@ -1,4 +1,4 @@
-"""What a researcher imports: SwarmModel, a model whose blocks run on swarm peers."""
+"""The researcher's entry point: SwarmModel, a model whose blocks run on swarm peers."""
 
 from swarmlens.client.model import SwarmModel
 

@@ -63,7 +63,7 @@ class SwarmConnection:
     def forward(self, build: Callable[[list[Hop]], ForwardRequest], num_tokens: int) -> tuple[ForwardResponse, dict]:
         """Send a forward request along a chain; on a peer failure, route around it and resend.
 
-        The request holds everything the chain needs, so a retry resends it whole and the
+        The request contains everything the chain needs, so a retry resends it whole and the
         result cannot depend on which peers served it.
         """
         excluded: set[str] = set()

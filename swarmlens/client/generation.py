@@ -6,7 +6,6 @@ interpreter runs the client's part of the graph at every step.
 """
 
 import dataclasses
-import logging
 
 import torch
 
@@ -18,7 +17,6 @@ from swarmlens.intervene.partition import Partition
 from swarmlens.intervene.tracer import GenerationConfig
 from swarmlens.peer.protocol import SessionOpen, SessionStep
 
-logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass

@@ -1,11 +1,10 @@
 """SwarmModel: what a researcher imports to trace a model served by a swarm.
 
-The client holds the module tree on the meta device (so module paths are the
+The client keeps the module tree on the meta device (so module paths are the
 Hugging Face ones), real weights only for the embeddings, final norm and LM
 head, and sends everything between them to a chain of peers.
 """
 
-import logging
 from typing import Any, Sequence
 
 import torch
@@ -13,16 +12,15 @@ from torch import nn
 
 from swarmlens.client.connection import SwarmConnection
 from swarmlens.client.generation import generate
-from swarmlens.intervene.tracer import GenerationConfig
-from swarmlens.peer.errors import InvalidResponseError, PeerTimeoutError, PeerUnreachableError, RemoteError
 from swarmlens.intervene.errors import StopForward
 from swarmlens.intervene.graph import Graph
 from swarmlens.intervene.interpreter import Interpreter
 from swarmlens.intervene.model import ModelInputs, RunResult, TracedModel
 from swarmlens.intervene.sites import architecture_for
+from swarmlens.intervene.tracer import GenerationConfig
+from swarmlens.peer.errors import InvalidResponseError, PeerTimeoutError, PeerUnreachableError, RemoteError
 from swarmlens.peer.protocol import ForwardRequest
 
-logger = logging.getLogger(__name__)
 
 
 class SwarmModel(TracedModel):

@@ -38,4 +38,4 @@ class StopForward(Exception):
 
 
 class BudgetError(InvalidGraphError):
-    """A graph asks for more nodes, memory or compute than the executor allows."""
+    """A graph needs more nodes, memory or compute than the executor allows."""

@@ -7,7 +7,6 @@ values and values carried to a later location).
 """
 
 import contextlib
-import logging
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -19,7 +18,6 @@ from swarmlens.intervene.errors import ExecutionError, InterventionError, StopFo
 from swarmlens.intervene.graph import INPUT, INPUTS, Node, Ref, iter_leaves, map_leaves
 from swarmlens.intervene.ops import Op
 
-logger = logging.getLogger(__name__)
 
 
 class Interpreter:

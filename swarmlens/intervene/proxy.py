@@ -39,7 +39,7 @@ def _describe_frame(frame) -> str:
 class Proxy:
     """A value computed later, while the model runs; operations record graph nodes.
 
-    After the trace exits, a proxy returned by `.save()` holds the result in
+    After the trace exits, a proxy returned by `.save()` contains the result in
     `.value`.
     """
 

@@ -114,7 +114,7 @@ def _check_shared_tensor_edits(graph: Graph, order: SiteOrder, events: list[int]
 
     Locally, block k's output and block k + 1's input are one tensor, so editing one
     in place also changes a value read from the other. When the two sites run on
-    different peers (or on the client), each side holds its own copy and the edit
+    different peers (or on the client), each side has its own copy and the edit
     would not reach the earlier value, so the two executors would disagree.
     """
     reads = [node for node in graph.nodes if node.op is Op.READ and node.site.kind != "inputs"]

@@ -33,7 +33,7 @@ class Tracer:
 
     Leaving the `with` block validates the graph, runs it through the model's
     backend (local or swarm) and fills the proxies returned by `.save()`.
-    `tracer.logits` then holds the model's output logits and `tracer.result`
+    `tracer.logits` then contains the model's output logits and `tracer.result`
     the backend's full result, including where each value was computed.
 
     In generation, step 0 runs the prompt and step k produces new token k + 1.

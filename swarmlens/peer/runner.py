@@ -35,7 +35,7 @@ ForwardFn = Callable[[str, bytes], Awaitable[bytes]]
 
 @dataclasses.dataclass(frozen=True)
 class RunnerLimits:
-    """What one request may ask of this peer."""
+    """Per-request and per-session limits of this peer."""
 
     max_request_bytes: int = 64 * 2**20  # the peer server's default request limit: about 29k tokens at width 576
     max_response_bytes: int = 2**30
@@ -233,7 +233,7 @@ class BlockRunner:
         from swarmlens.peer.session import SessionCapacityError
 
         if self.open_sessions >= self.limits.max_sessions:
-            raise SessionCapacityError(f"this peer already holds {self.open_sessions} sessions, its limit; "
+            raise SessionCapacityError(f"this peer has {self.open_sessions} open sessions, its maximum; "
                                        "retry later or use another peer")
         if self.session_bytes + nbytes > self.limits.max_session_bytes:
             raise SessionCapacityError(

@@ -47,7 +47,7 @@ class InferenceSession:
         self.keep_after = {step: by_block.get(runner.end - 1, []) for step, by_block in opened.keep_after.items()}
         keep = {node_id for ids in self.keep_after.values() for node_id in ids}
         # NOTE: peers get no event numbers, so a session keeps every value it computed or
-        # received until it ends; the graph's size and the budget bound that memory.
+        # received until it ends. The graph's size and the budget bound that memory.
         self.interpreter = Interpreter(own, opened.at, runner.modules, keep=keep, limits=runner.limits.graph)
         self.cache = DynamicCache(config=runner.config)
         self.num_nodes = len(own)

@@ -1,20 +1,20 @@
 """Frames of a long-lived session stream, in the framing of `transport`.
 
 A session stream carries many frames in each direction: the caller sends
-`length | payload` frames, the callee answers each with `kind | length | body`,
+`length | payload` frames, the callee replies to each with `kind | length | body`,
 where kind RESPONSE_ERROR carries the same error map as a unary call.
 """
 
 import asyncio
 
-from swarmlens.peer.errors import InvalidResponseError, PeerUnreachableError, RequestTooLargeError
+from swarmlens.peer.errors import RequestTooLargeError
 from swarmlens.peer.transport import (
     BYTEORDER,
     HEADER_LEN,
-    MAX_ERROR_FRAME_BYTES,
     RESPONSE_ERROR,
     RESPONSE_OK,
     _parse_error_frame,
+    _read_response,
     _send_error,
     _send_frame,
 )
@@ -52,17 +52,7 @@ async def write_error(writer: asyncio.StreamWriter, error: BaseException, own_pe
 
 async def read_response(reader: asyncio.StreamReader, peer_id: str, max_bytes: int) -> bytes:
     """Read one response frame; raise RemoteError for an error frame."""
-    try:
-        header = await reader.readexactly(1 + HEADER_LEN)
-        kind, length = header[:1], int.from_bytes(header[1:], BYTEORDER)
-        if kind not in (RESPONSE_OK, RESPONSE_ERROR):
-            raise InvalidResponseError(f"peer {peer_id} sent an unknown response kind {kind!r}", peer_id)
-        limit = max_bytes if kind == RESPONSE_OK else MAX_ERROR_FRAME_BYTES
-        if length > limit:
-            raise InvalidResponseError(f"peer {peer_id} announced {length} bytes, over the limit of {limit}", peer_id)
-        body = await reader.readexactly(length)
-    except (asyncio.IncompleteReadError, ConnectionError, OSError) as error:
-        raise PeerUnreachableError(peer_id, "the session stream closed before a full response arrived") from error
+    kind, body = await _read_response(reader, peer_id, max_bytes)
     if kind == RESPONSE_ERROR:
         raise _parse_error_frame(body, peer_id)
     return body

@@ -241,7 +241,7 @@ async def _send_request(writer: asyncio.StreamWriter, payload: bytes) -> None:
 
 
 async def _read_response(
-    reader: asyncio.StreamReader, peer_id: str, max_response_bytes: int, send_task: asyncio.Task
+    reader: asyncio.StreamReader, peer_id: str, max_response_bytes: int, send_task: asyncio.Task | None = None
 ) -> tuple[bytes, bytes]:
     try:
         header = await reader.readexactly(1 + HEADER_LEN)
@@ -256,7 +256,7 @@ async def _read_response(
         body = await reader.readexactly(length)
     except (asyncio.IncompleteReadError, ConnectionError, OSError) as error:
         reason = "the stream closed before a full response arrived"
-        if send_task.done() and not send_task.cancelled() and send_task.exception() is not None:
+        if send_task is not None and send_task.done() and not send_task.cancelled() and send_task.exception():
             reason += f" (sending the request failed: {send_task.exception()})"
         raise PeerUnreachableError(peer_id, reason) from error
     return kind, body
