@@ -141,8 +141,11 @@ async def _serve_request(
     except Exception as error:  # noqa: BLE001 - every handler error goes back to the caller
         logger.debug("Handler raised %s for peer %s", type(error).__name__, remote_peer_id, exc_info=True)
         await _send_error(writer, error, own_peer_id)
-        return
-    await _send_frame(writer, RESPONSE_OK, response)
+    else:
+        await _send_frame(writer, RESPONSE_OK, response)
+    # Closing at once can reset the stream before the caller has read the frame (seen in
+    # CI for an error frame), so wait for the caller to close its side first.
+    await _discard_until_eof(reader, writer)
 
 
 async def _discard_until_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
