@@ -23,6 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "announce_host", None) is not None and args.port == 0:
+        parser.error("--announce-host needs a fixed --port, the one that other machines dial")
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -123,6 +125,10 @@ def _add_listen_options(parser: argparse.ArgumentParser) -> None:
                         help="IPv4 address to listen on (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=0,
                         help="TCP port to listen on (default: 0, any free port)")
+    parser.add_argument("--announce-host", default=None, metavar="ADDRESS",
+                        help="IPv4 address that other machines dial to reach this node, if it is not "
+                             "--host (for example the public address of a machine behind a port forward, "
+                             "or one that listens on 0.0.0.0); needs --port")
 
 
 def _add_peer_limit_options(parser: argparse.ArgumentParser) -> None:
@@ -156,7 +162,7 @@ def _run_dht(args: argparse.Namespace) -> int:
     from swarmlens.swarm.dht import start_dht, visible_maddrs
 
     stop_event = _stop_event_on_signals()
-    dht = start_dht(host=args.host, port=args.port)
+    dht = start_dht(host=args.host, port=args.port, announce_host=args.announce_host)
     try:
         maddrs = visible_maddrs(dht)
         logger.info("DHT node is running at %s", " ".join(maddrs))
@@ -184,7 +190,7 @@ def _run_peer(args: argparse.Namespace) -> int:
     run_peer(
         args.model, start, end, args.initial_peers, args.host, args.port,
         limits=limits, ttl=args.announce_ttl, heartbeat=args.heartbeat,
-        runner_factory=runner_factory, model_id=args.model_id,
+        runner_factory=runner_factory, model_id=args.model_id, announce_host=args.announce_host,
     )
     return 0
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from swarmlens.cli import build_parser, parse_span
+from swarmlens.cli import build_parser, main, parse_span
 
 
 def test_parse_span_valid():
@@ -49,3 +49,11 @@ def test_module_entry_point_prints_help():
     assert result.returncode == 0
     for command in ("dht", "peer", "up", "status", "demo"):
         assert command in result.stdout
+
+
+def test_announce_host_requires_port(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["dht", "--announce-host", "203.0.113.5"])
+
+    assert exit_info.value.code == 2
+    assert "--announce-host needs a fixed --port" in capsys.readouterr().err

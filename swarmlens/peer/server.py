@@ -84,6 +84,7 @@ def run_peer(
     heartbeat: float = DEFAULT_HEARTBEAT_S,
     runner_factory: RunnerFactory | None = None,
     model_id: str | None = None,
+    announce_host: str | None = None,
 ) -> None:
     """Serve blocks `start` to `end - 1` of `model` until SIGTERM or SIGINT.
 
@@ -95,6 +96,7 @@ def run_peer(
 
     `runner_factory(model, start, end)` replaces `BlockRunner.create` (for tests and custom
     runners); it gets `model` unresolved, and the DHT model id is then `model_id or model`.
+    `announce_host` is the address other machines dial, if not the listen address `host`.
     """
     if not 0 <= start < end:
         raise ValueError(f"invalid span {start}:{end}: expected 0 <= start < end")
@@ -117,7 +119,7 @@ def run_peer(
                 raise ValueError("a custom runner_factory needs `model` or `model_id` to name the model on the DHT")
 
         logger.info("Starting peer for blocks %d:%d of %s", start, end, dht_model_id)
-        dht = start_dht(initial_peers, host=host, port=port)
+        dht = start_dht(initial_peers, host=host, port=port, announce_host=announce_host)
         session = _PeerSession(dht, dht_model_id, start, end, limits=limits, ttl=ttl, heartbeat=heartbeat)
         asyncio.run(session.run(runner_factory, source))
     except KeyboardInterrupt:

@@ -13,16 +13,18 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 
 
-def loopback_dht_kwargs(host: str = DEFAULT_HOST, port: int = 0) -> dict[str, Any]:
+def loopback_dht_kwargs(host: str = DEFAULT_HOST, port: int = 0, announce_host: str | None = None) -> dict[str, Any]:
     """Return `hivemind.DHT` keyword arguments that keep a node off the wider network.
 
-    The node listens on `host:port` only (port 0 picks a free port). hivemind 1.1.12 defaults
+    The node listens on `host:port` only (port 0 picks a free port). With `announce_host`,
+    it announces `announce_host:port` in place of its listen addresses, which suits a
+    machine behind a port forward or one that listens on 0.0.0.0. `port` must then be set. hivemind 1.1.12 defaults
     would make its p2pd daemon send NAT-PMP/UPnP packets to the gateway (`nat_port_map`),
     probe reachability through other peers (`auto_nat`), use circuit relays (`use_relay`,
     `use_auto_relay`) and bootstrap from public IPFS nodes (`use_ipfs`), so all of them are
     switched off. A deployment on a real network passes its public address as `host`.
     """
-    return {
+    kwargs: dict[str, Any] = {
         "host_maddrs": [f"/ip4/{host}/tcp/{port}"],
         "nat_port_map": False,
         "use_relay": False,
@@ -30,6 +32,14 @@ def loopback_dht_kwargs(host: str = DEFAULT_HOST, port: int = 0) -> dict[str, An
         "auto_nat": False,
         "use_ipfs": False,
     }
+    if announce_host is not None:
+        if port == 0:
+            raise ValueError(
+                f"cannot announce {announce_host} without a fixed port: pass a port (--port) "
+                "that other machines can reach"
+            )
+        kwargs["announce_maddrs"] = [f"/ip4/{announce_host}/tcp/{port}"]
+    return kwargs
 
 
 def start_dht(
@@ -37,20 +47,22 @@ def start_dht(
     host: str = DEFAULT_HOST,
     port: int = 0,
     client_mode: bool = False,
+    announce_host: str | None = None,
 ) -> hivemind.DHT:
     """Start a DHT node in a background process and wait until it is ready.
 
     Without `initial_peers` the node starts a new swarm. A node in `client_mode` can store and
     read records but does not serve DHT requests of other nodes, which fits processes that
     only look peers up. Raises whatever hivemind raises when the node cannot start or join,
-    for example when no initial peer answers.
+    for example when no initial peer answers. `announce_host` is described in
+    `loopback_dht_kwargs`.
     """
     started_at = time.perf_counter()
     dht = hivemind.DHT(
         initial_peers=list(initial_peers) or None,
         start=True,
         client_mode=client_mode,
-        **loopback_dht_kwargs(host, port),
+        **loopback_dht_kwargs(host, port, announce_host),
     )
     elapsed_ms = (time.perf_counter() - started_at) * 1000
     logger.debug("DHT node started in %.0f ms (client_mode=%s)", elapsed_ms, client_mode)
