@@ -1,6 +1,7 @@
 """Start a local swarm on loopback: one DHT node process and one process per peer.
 
-Every child runs `python -m swarmlens ...` in its own process group (session), so that
+Each process may also run on another `Host`, for example a network namespace, so that
+tests can place the DHT node and the peers on separate addresses. Every child runs `python -m swarmlens ...` in its own process group (session), so that
 stopping the group also stops the hivemind DHT process and p2pd daemon that the child
 starts. Children write stdout and stderr to one log file each, and report readiness by a
 marker line in it (`SWARMLENS_DHT_READY <maddr>`, `SWARMLENS_PEER_READY peer_id=...`).
@@ -49,6 +50,24 @@ class LaunchError(RuntimeError):
     """A child process of a local swarm failed to start."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Host:
+    """A place to run a swarm process: the address it listens on, the command prefix that
+    starts a program there, such as ("ip", "netns", "exec", "<namespace>"), and extra
+    arguments for the `swarmlens` command run there, such as ("--announce-host", ...).
+
+    The prefix must exec the program in place (keep its pid), so that stopping the child's
+    process group stops the program.
+    """
+
+    address: str = "127.0.0.1"
+    command_prefix: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()
+
+
+LOOPBACK = Host()
+
+
 @dataclasses.dataclass
 class PeerProcess:
     """A running peer process that serves blocks `start` to `end - 1`."""
@@ -63,7 +82,7 @@ class PeerProcess:
 
 @dataclasses.dataclass
 class LocalSwarm:
-    """A DHT node and peers on loopback; `initial_peers` are the maddrs to join it."""
+    """A DHT node and peers, by default on loopback; `initial_peers` are the maddrs to join it."""
 
     initial_peers: list[str]
     peers: list[PeerProcess]
@@ -97,8 +116,10 @@ def local_swarm(
     extra_peer_args: Sequence[str] = (),
     dht_ready_timeout: float = DEFAULT_DHT_READY_TIMEOUT_S,
     peer_ready_timeout: float = DEFAULT_PEER_READY_TIMEOUT_S,
+    dht_host: Host = LOOPBACK,
+    peer_hosts: Sequence[Host] | None = None,
 ) -> Iterator[LocalSwarm]:
-    """Start a DHT node and one peer per span on 127.0.0.1; stop them all on exit.
+    """Start a DHT node and one peer per span, on 127.0.0.1 by default; stop them all on exit.
 
     Waits until every child is ready; raises `LaunchError` with the tail of the child's
     log if one exits or does not become ready in time. The processes stop when the block
@@ -106,8 +127,12 @@ def local_swarm(
     is turned into KeyboardInterrupt while the block runs in the main thread). Children
     also get SIGTERM if the thread that started them dies (Linux PR_SET_PDEATHSIG).
     `runner_factory` ("module:attribute") and `extra_peer_args` are passed to every
-    `swarmlens peer` command.
+    `swarmlens peer` command. `dht_host` and `peer_hosts` (one per span) place the
+    processes on other hosts.
     """
+    peer_hosts = list(peer_hosts) if peer_hosts is not None else [LOOPBACK] * len(spans)
+    if len(peer_hosts) != len(spans):
+        raise ValueError(f"got {len(peer_hosts)} peer hosts for {len(spans)} spans; pass one host per span")
     log_dir = Path(log_dir).resolve() if log_dir is not None else Path(tempfile.mkdtemp(prefix="swarmlens-logs-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     if model is not None and Path(model).exists():
@@ -118,17 +143,17 @@ def local_swarm(
     atexit.register(swarm.stop)
     with _sigterm_as_keyboard_interrupt():
         try:
-            _start_dht_node(swarm, dht_ready_timeout)
-            _start_peers(swarm, model, spans, runner_factory, extra_peer_args, peer_ready_timeout)
+            _start_dht_node(swarm, dht_host, dht_ready_timeout)
+            _start_peers(swarm, model, spans, peer_hosts, runner_factory, extra_peer_args, peer_ready_timeout)
             yield swarm
         finally:
             swarm.stop()
             atexit.unregister(swarm.stop)
 
 
-def _start_dht_node(swarm: LocalSwarm, timeout: float) -> None:
+def _start_dht_node(swarm: LocalSwarm, host: Host, timeout: float) -> None:
     log_path = swarm.log_dir / "dht.log"
-    process = _spawn(["dht", "--host", "127.0.0.1", "--port", "0"], log_path)
+    process = _spawn(["dht", "--host", host.address, *host.extra_args], log_path, host)
     swarm.dht_process, swarm.dht_log_path = process, log_path
     lines = _wait_for_marker(process, log_path, DHT_READY_MARKER, timeout, "DHT node")
     swarm.initial_peers = [line.split()[1] for line in lines]
@@ -139,20 +164,21 @@ def _start_peers(
     swarm: LocalSwarm,
     model: str | None,
     spans: Sequence[tuple[int, int]],
+    hosts: Sequence[Host],
     runner_factory: str | None,
     extra_peer_args: Sequence[str],
     timeout: float,
 ) -> None:
     # Start all peers first and wait afterwards, so that they load their blocks in parallel.
-    for index, (start, end) in enumerate(spans):
-        args = ["peer", "--blocks", f"{start}:{end}", "--host", "127.0.0.1", "--initial-peers", *swarm.initial_peers]
+    for index, ((start, end), host) in enumerate(zip(spans, hosts)):
+        args = ["peer", "--blocks", f"{start}:{end}", "--host", host.address, "--initial-peers", *swarm.initial_peers]
         if model is not None:
             args += ["--model", model]
         if runner_factory is not None:
             args += ["--runner-factory", runner_factory]
-        args += list(extra_peer_args)
+        args += [*extra_peer_args, *host.extra_args]
         log_path = swarm.log_dir / f"peer-{index}-blocks-{start}-{end}.log"  # the index keeps replicas apart
-        process = _spawn(args, log_path)
+        process = _spawn(args, log_path, host)
         # Registered now, so that stop() also ends peers that never become ready.
         swarm.peers.append(PeerProcess(process.pid, "", start, end, log_path, process))
 
@@ -164,13 +190,13 @@ def _start_peers(
         logger.info("%s (pid %d, %s) is ready", name.capitalize(), peer.pid, peer.peer_id)
 
 
-def _spawn(args: list[str], log_path: Path) -> subprocess.Popen:
-    """Start `python -m swarmlens *args` in a new session, with output to `log_path`.
+def _spawn(args: list[str], log_path: Path, host: Host = LOOPBACK) -> subprocess.Popen:
+    """Start `python -m swarmlens *args` on `host` in a new session, with output to `log_path`.
 
     The child runs in the log folder: `python -m` puts the working directory first on
     sys.path, and a folder named `swarmlens` there would hide this package.
     """
-    command = [sys.executable, "-m", "swarmlens", *args]
+    command = [*host.command_prefix, sys.executable, "-m", "swarmlens", *args]
     env = dict(os.environ)
     # Children import this very package even when it is not installed.
     package_root = str(Path(swarmlens.__file__).resolve().parent.parent)
