@@ -89,12 +89,17 @@ def test_record_expires_after_peer_crash(bootstrap_node, client_node):
     crashed = start_dht(visible_maddrs(bootstrap_node))
     announcer = make_announcer(crashed, "crash-model", 0, 2, ttl=2.0, heartbeat=1.0)
     announcer.start()
-    assert len(fetch_spans(client_node, "crash-model", NUM_BLOCKS)) == 1
+    try:
+        assert len(fetch_spans(client_node, "crash-model", NUM_BLOCKS)) == 1
 
-    crashed.shutdown()
-    time.sleep(2.5)
+        crashed.shutdown()
+        time.sleep(2.5)
 
-    assert fetch_spans(client_node, "crash-model", NUM_BLOCKS) == []
+        assert fetch_spans(client_node, "crash-model", NUM_BLOCKS) == []
+    finally:
+        # Ends the heartbeat thread, which would otherwise log a failed store every second
+        # until the test session exits.
+        announcer.stop()
 
 
 def test_heartbeat_keeps_record_alive(peer_node, client_node):
