@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from swarmlens.intervene import TraceError
+from swarmlens.intervene import OrderError, TraceError
 
 PROMPTS = ["The capital of France is", "def add(a, b):"]
 
@@ -90,3 +90,36 @@ def test_streamer_receives_each_step_in_order(local_model):
         pass
     assert len(streamed) == 4
     torch.testing.assert_close(torch.stack(streamed, dim=1), tracer.output[:, -4:], rtol=0, atol=0)
+
+
+def test_value_of_one_step_used_later(local_model):
+    layers = local_model.model.layers
+    with local_model.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+        with tracer.iter[1]:
+            first = layers[3].output[:, -1]
+            read_at_first = first.save()
+        with tracer.iter[2]:
+            used_at_second = (first * 2).save()
+
+    assert len(used_at_second.value) == 1
+    torch.testing.assert_close(used_at_second.value[0], read_at_first.value[0] * 2, rtol=0, atol=0)
+
+
+def test_value_of_one_step_used_earlier_is_rejected(local_model):
+    layers = local_model.model.layers
+    with pytest.raises(OrderError):
+        with local_model.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            with tracer.iter[2]:
+                late = layers[3].output[:, -1]
+            with tracer.iter[1]:
+                layers[3].output[:, -1] = late
+
+
+def test_multi_step_value_at_other_step_rejected(local_model):
+    layers = local_model.model.layers
+    with pytest.raises(TraceError, match="does not exist at step 2: its step block covers steps 0 to 1"):
+        with local_model.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            with tracer.iter[0:2]:
+                early = layers[3].output[:, -1]
+            with tracer.iter[2]:
+                layers[3].output[:, -1] = early

@@ -48,15 +48,19 @@ def _remap(value, result: Unrolled, step: int | None, source: str):
             return Ref(result.single[leaf.node])
 
         copies = result.per_step[leaf.node]
+        if step in copies:
+            return Ref(copies[step])
+        if len(copies) == 1:
+            # A value of a single step can be used at any step; scheduling rejects a use
+            # at a step that runs before it.
+            return Ref(next(iter(copies.values())))
         if step is None:
             raise TraceError(
                 f"a value computed inside a step block (%{leaf.node}) is used outside it; "
                 "use it inside the same block, or .save() it there to get one value per step",
                 source,
             )
-        if step not in copies:
-            raise TraceError(f"value %{leaf.node} does not exist at step {step}: its step block covers "
-                             f"steps {min(copies)} to {max(copies)}", source)
-        return Ref(copies[step])
+        raise TraceError(f"value %{leaf.node} does not exist at step {step}: its step block covers "
+                         f"steps {min(copies)} to {max(copies)}", source)
 
     return map_leaves(value, remap)
