@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from swarmlens.intervene import BudgetError, ExecutionError, InvalidGraphError
-from swarmlens.intervene.budget import Limits
+from swarmlens.intervene.budget import HeldMemory, Limits
 from swarmlens.intervene.graph import Graph, Ref, Site
 from swarmlens.intervene.interpreter import Interpreter
 from swarmlens.intervene.ops import Op
@@ -101,3 +101,60 @@ def test_write_with_other_shape_is_rejected():
     graph.add(Op.WRITE, args=(Ref(short.id),), site=Site(*EVENT[:2]))
     with pytest.raises(ExecutionError, match=r"has shape \(1, 1\), but the model needs \(1, 4\)"):
         run(graph, torch.ones(1, 4))
+
+
+def test_held_values_over_limit_are_rejected():
+    graph = Graph()
+    graph.add(Op.READ, site=Site(*EVENT[:2]))
+    for scale in range(1, 5):  # the site value and its copies take 4 KiB each, all held to the end
+        graph.add(Op.OPERATOR, "mul", (Ref(0), float(scale)))
+    with pytest.raises(BudgetError, match=r"after node %3, the graph's values hold 16.0 KiB, above the limit of 14.0 KiB"):
+        run(graph, torch.ones(1024), Limits(max_held_bytes=14 * 1024))
+
+
+def test_held_values_within_limit_run():
+    graph = Graph()
+    graph.add(Op.READ, site=Site(*EVENT[:2]))
+    for scale in range(1, 5):
+        graph.add(Op.OPERATOR, "mul", (Ref(0), float(scale)))
+
+    interpreter = run(graph, torch.ones(1024), Limits(max_held_bytes=20 * 1024))
+
+    assert interpreter.memory.nbytes == 5 * 4096
+
+
+def test_held_memory_counts_views_once():
+    memory = HeldMemory(limit=2**20)
+    base = torch.ones(256)
+
+    memory.hold(base)
+    memory.hold(base[:10])
+    memory.hold((base[5:], torch.ones(16)))
+
+    assert memory.nbytes == 1024 + 64
+
+
+def test_held_memory_release_after_last_view():
+    memory = HeldMemory(limit=2**20)
+    base = torch.ones(256)
+    memory.hold(base)
+    memory.hold(base[:10])
+
+    memory.release(base)
+    assert memory.nbytes == 1024
+    memory.release(base[:10])
+    assert memory.nbytes == 0
+
+
+def test_freed_values_leave_held_memory():
+    graph = Graph()
+    graph.add(Op.READ, site=Site(*EVENT[:2]))
+    for index in range(1, 5):  # a chain: each product is used once, by the next
+        graph.add(Op.OPERATOR, "mul", (Ref(index - 1), 2.0))
+    interpreter = Interpreter(graph.nodes, {node.id: EVENT for node in graph.nodes}, {},
+                              keep={4}, limits=Limits(max_held_bytes=3 * 4096), events=[0] * 5)
+
+    interpreter.run_event(*EVENT[:2], torch.ones(1024))
+
+    assert set(interpreter.env) == {4}
+    assert interpreter.memory.nbytes == 4096

@@ -8,6 +8,7 @@ local executor's result, and no peer may report an open session.
 import asyncio
 
 import msgpack
+import psutil
 import pytest
 import torch
 from hivemind.p2p import PeerID
@@ -144,6 +145,22 @@ def test_hostile_graph_rejected(swarm_model, local_swarm, reference, first_peer,
     _assert_still_serving(swarm_model, local_swarm, reference)
 
 
+def test_values_over_memory_limit_rejected_and_freed(swarm_model, local_swarm, reference, first_peer):
+    from swarmlens.intervene.graph import Node
+    from swarmlens.intervene.ops import Op
+
+    peer = psutil.Process(next(peer.pid for peer in local_swarm.peers if peer.peer_id == first_peer))
+    rss_before = peer.memory_info().rss
+    ones = [Node(index, Op.FUNCTION, "torch.ones", ((2**28,),)) for index in range(1, 6)]  # 1 GiB each
+
+    error = _call(swarm_model, first_peer, "swarmlens.forward", _request(first_peer, _read_then(*ones)))
+
+    assert error.type_name == "BudgetError"
+    assert "above the limit of 4.0 GiB" in error.message
+    assert peer.memory_info().rss < rss_before + 2**29
+    _assert_still_serving(swarm_model, local_swarm, reference)
+
+
 @pytest.mark.parametrize("case", ["hidden states of the wrong width", "too many tokens", "positions out of range"])
 def test_bad_forward_inputs_rejected(swarm_model, local_swarm, reference, first_peer, case):
     if case == "hidden states of the wrong width":
@@ -227,4 +244,21 @@ def test_session_misuse_rejected_and_freed(swarm_model, local_swarm, reference, 
 
 def test_empty_session_freed(swarm_model, local_swarm, reference, first_peer):
     assert _session_exchange(swarm_model, first_peer, _session_open(first_peer), []) == [0]
+    _assert_still_serving(swarm_model, local_swarm, reference)
+
+
+def test_values_kept_across_steps_count_as_session_memory(swarm_model, local_swarm, reference):
+    from swarmlens.intervene import ExecutionError
+
+    layers = swarm_model.model.layers
+    with pytest.raises(ExecutionError) as caught:
+        with swarm_model.generate(PROMPT, max_new_tokens=2) as tracer:
+            with tracer.iter[0]:  # three values of 512 MiB, computed on the first peer at step 0
+                kept = [layers[3].output[0, 0, 0].expand(2**27) + float(index) for index in range(3)]
+            with tracer.iter[1]:  # and multiplied there by a value of step 1, so they must stay
+                scale = layers[3].output[0, -1, 0]
+                layers[3].output[0, -1, 0] = sum((value * scale)[0] for value in kept)
+
+    assert caught.value.original_type == "BudgetError"
+    assert "values kept for later steps hold 1.5 GiB" in str(caught.value)
     _assert_still_serving(swarm_model, local_swarm, reference)

@@ -89,7 +89,7 @@ def _step(model, session, interpreter: Interpreter, plan: Partition, state: Deco
     sent = interpreter.take(plan.keep_after.get(step, {}).get(-1, []))
 
     response = session.step(SessionStep(step, hidden, state.attention_mask, state.position_ids, sent))
-    interpreter.env.update(response.values)
+    interpreter.add_values(response.values)
 
     with torch.no_grad(), interpreter.hooks():
         logits = modules[architecture.lm_head](modules[architecture.final_norm](response.hidden_states))

@@ -89,7 +89,7 @@ class SwarmModel(TracedModel):
                                   remote_at, keep_after, sent, inputs.attn_implementation)
 
         response, transfer = self.connection.forward(build, num_tokens=inputs.input_ids.numel())
-        interpreter.env.update(response.values)
+        interpreter.add_values(response.values)
 
         logits = None
         if not response.stopped:

@@ -2,7 +2,8 @@
 
 A peer runs graphs from strangers, so an op's output size is predicted on the
 meta device (shapes only, no data) before the op runs, and matrix products
-are priced in FLOPs. A clock bounds the whole run, checked between nodes.
+are priced in FLOPs. The tensor memory that the run's values hold at once is
+counted, and a clock bounds the whole run, checked between nodes.
 """
 
 import dataclasses
@@ -26,6 +27,7 @@ class Limits:
     max_int_exponent: int = 64  # largest exponent for ** on two Python ints
     max_flops_per_node: int = 2**36  # about 69 GFLOP; estimated at tens of seconds on a two-core CPU
     max_seconds: float = 60.0  # wall time of the graph's nodes in one run (one step of a session)
+    max_held_bytes: int = 2**32  # tensor memory the run's values hold at once: 4 GiB
 
 
 class Budget:
@@ -86,6 +88,68 @@ class Budget:
         if flops > self.limits.max_flops_per_node:
             raise BudgetError(f"node %{node.id} needs about {flops:.2e} FLOPs, above the limit of "
                               f"{self.limits.max_flops_per_node:.2e}", node.source)
+
+
+class HeldMemory:
+    """The tensor memory that a run's values hold, with each storage counted once.
+
+    Views share their base's storage, so a slice of a block's output counts as the whole
+    output: holding the slice keeps that memory alive.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.nbytes = 0
+        self._storages: dict[int, list[int]] = {}  # data pointer -> [bytes, values that use it]
+
+    def hold(self, value: Any) -> None:
+        """Count the storages of `value`; the caller checks `over_limit` afterwards."""
+        for key, nbytes in _storages_of(value):
+            entry = self._storages.setdefault(key, [nbytes, 0])
+            if entry[1] == 0:
+                self.nbytes += nbytes
+            entry[1] += 1
+
+    @property
+    def over_limit(self) -> bool:
+        return self.nbytes > self.limit
+
+    def limit_error(self, node: Node | None = None) -> BudgetError:
+        """Return the error for a run whose values went above the limit, at `node` if known."""
+        where = f"after node %{node.id}, " if node is not None else ""
+        return BudgetError(
+            f"{where}the graph's values hold {format_bytes(self.nbytes)}, above the limit of "
+            f"{format_bytes(self.limit)}; save fewer or smaller values, or split the study into smaller traces",
+            node.source if node is not None else "",
+        )
+
+    def release(self, value: Any) -> None:
+        """Stop counting the storages of `value`, once no other held value uses them."""
+        for key, _ in _storages_of(value):
+            entry = self._storages.get(key)
+            if entry is None:
+                continue
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.nbytes -= entry[0]
+                del self._storages[key]
+
+
+def format_bytes(nbytes: int) -> str:
+    """Format a byte count with a binary unit, e.g. 1.5 GiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.1f} {unit}"
+    return f"{nbytes} bytes"
+
+
+def _storages_of(value: Any) -> list[tuple[int, int]]:
+    storages = {}
+    for leaf in iter_leaves(value):
+        if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+            storage = leaf.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return [(key, nbytes) for key, nbytes in storages.items() if nbytes > 0]
 
 
 def _to_meta(leaf: Any) -> Any:

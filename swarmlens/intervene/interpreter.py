@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from swarmlens.intervene import ops
-from swarmlens.intervene.budget import Budget, Limits
+from swarmlens.intervene.budget import Budget, HeldMemory, Limits
 from swarmlens.intervene.errors import ExecutionError, InterventionError, StopForward
 from swarmlens.intervene.graph import INPUT, INPUTS, Node, Ref, iter_leaves, map_leaves
 from swarmlens.intervene.ops import Op
@@ -29,13 +29,15 @@ class Interpreter:
 
     def __init__(self, nodes: Iterable[Node], at: dict[int, tuple[str, str, int]], modules: dict[str, nn.Module],
                  values: dict[int, Any] | None = None, keep: Iterable[int] = (), limits: Limits = Limits(),
-                 events: list[int] | None = None):
+                 events: list[int] | dict[int, int] | None = None):
         self.nodes = list(nodes)
         self.modules = modules
-        self.env: dict[int, Any] = dict(values or {})
+        self.env: dict[int, Any] = {}
         self.keep = set(keep)
         self.limits = limits
         self.budget = Budget(limits)
+        self.memory = HeldMemory(limits.max_held_bytes)
+        self.add_values(values or {})
         self.pending: dict[tuple[str, str, int], list[Node]] = {}
         for node in self.nodes:
             self.pending.setdefault(tuple(at[node.id]), []).append(node)
@@ -125,6 +127,27 @@ class Interpreter:
                 original_type="ExecutionError",
             )
 
+    def add_values(self, values: dict[int, Any]) -> None:
+        """Add values computed elsewhere (carried from another location) to the environment."""
+        for node_id, value in values.items():
+            self.release([node_id])
+            self.env[node_id] = value
+            self.memory.hold(value)
+        if self.memory.over_limit:
+            raise self.memory.limit_error()
+
+    def release(self, ids: Iterable[int]) -> None:
+        """Drop these values, for example once they were sent on and are not needed again."""
+        for node_id in ids:
+            if node_id in self.env:
+                self.memory.release(self.env.pop(node_id))
+
+    def clear(self) -> None:
+        """Drop every value, so that memory is freed even while a traceback still refers to this run."""
+        self.release(list(self.env))
+        self._site_value = None
+        self._site_inputs = None
+
     def take(self, ids: Iterable[int], missing_ok: bool = False) -> dict[int, Any]:
         """Return the values of these ids; raise if one is missing, unless `missing_ok`."""
         missing = [node_id for node_id in ids if node_id not in self.env]
@@ -147,7 +170,15 @@ class Interpreter:
 
         if node.op not in (Op.WRITE, Op.SETITEM, Op.SKIP):
             self.budget.check_result(node, result)
+            self.release([node.id])
             self.env[node.id] = result
+            self.memory.hold(result)
+            if self.memory.over_limit:
+                # The traceback keeps this frame alive, so the value must not stay in it.
+                error = self.memory.limit_error(node)
+                self.release([node.id])
+                del result
+                raise error
         self._free_inputs(node)
 
     def _execute(self, node: Node) -> Any:
@@ -238,7 +269,7 @@ class Interpreter:
     def _free_inputs(self, node: Node) -> None:
         for ref in set(node.refs()):
             if self.last_user.get(ref) == node.id and ref not in self.keep:
-                self.env.pop(ref, None)
+                self.release([ref])
 
 class _SkippableForward:
     """Replaces a module's forward for the length of a run, returning a SKIP node's value when set.
@@ -289,7 +320,7 @@ def _require_tensor(value: Any, action: str) -> None:
         raise TypeError(f"can only {action} a tensor, got {type(value).__name__}")
 
 
-def _last_users(nodes: list[Node], events: list[int]) -> dict[int, int]:
+def _last_users(nodes: list[Node], events: list[int] | dict[int, int]) -> dict[int, int]:
     """Map each value to the node that reads it last in execution order: (event, id)."""
     last_user: dict[int, int] = {}
     for node in sorted(nodes, key=lambda node: (events[node.id], node.id)):

@@ -8,6 +8,7 @@ one request.
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from swarmlens.intervene.graph import INPUT, OUTPUT, Graph, Node
 from swarmlens.intervene.budget import Limits
 from swarmlens.intervene.interpreter import Interpreter
 from swarmlens.intervene.local import attention_implementation
-from swarmlens.intervene.sites import Architecture, architecture_for
+from swarmlens.intervene.sites import Architecture, SiteOrder, architecture_for
 from swarmlens.intervene.validate import validate
 from swarmlens.intervene.wire import WireError
 from swarmlens.peer.errors import InvalidResponseError, PeerTimeoutError, PeerUnreachableError, RemoteError
@@ -77,7 +78,27 @@ class BlockRunner:
         config = _config_of(blocks) or load_config(checkpoint_path)
         runner = cls(blocks, load_rotary_embedding(config), config, architecture_for(config.model_type), start, end)
         runner.throughput = runner.measure_throughput()
+        runner.site_order  # built now, so that the first request does not wait for it
         return runner
+
+    @functools.cached_property
+    def site_order(self) -> SiteOrder:
+        """The model's event order, the same one clients schedule graphs with."""
+        from swarmlens.checkpoint.architecture import build_meta_skeleton
+
+        skeleton = build_meta_skeleton(self.config)
+        return SiteOrder.from_skeleton(skeleton, self.architecture, self.config.num_hidden_layers)
+
+    def events_of(self, nodes: list[Node], at: dict) -> dict[int, int]:
+        """Event numbers of validated nodes, so that the interpreter frees values after their last use."""
+        order = self.site_order
+        events = {}
+        for node in nodes:
+            module, kind, step = at[node.id]
+            if (module, kind) not in order.index:
+                raise ValueError(f"node %{node.id} is scheduled at {module}.{kind}, which never runs in a forward pass")
+            events[node.id] = step * order.size + order.index[(module, kind)]
+        return events
 
     def measure_throughput(self, tokens: int = 32) -> float:
         """Return block-tokens per second (tokens times blocks) for one prompt, after a warm-up run."""
@@ -180,18 +201,22 @@ class BlockRunner:
         own = [node for node in request.nodes if self.block_of_node(request.at, node) < self.end]
         self.validate_nodes(own, request.at, max_step=0)
         keep = request.keep_after[self.end - 1]
-        interpreter = Interpreter(own, request.at, self.modules, request.values, keep, self.limits.graph)
+        interpreter = Interpreter(own, request.at, self.modules, request.values, keep, self.limits.graph,
+                                  events=self.events_of(own, request.at))
 
         hidden = request.hidden_states
         try:
-            with interpreter.hooks():
-                hidden = self._forward(request.hidden_states, request.attention_mask, request.position_ids,
-                                       attn_implementation=request.attn_implementation)
-        except StopForward:
-            pass
-        interpreter.check_done()
+            try:
+                with interpreter.hooks():
+                    hidden = self._forward(request.hidden_states, request.attention_mask, request.position_ids,
+                                           attn_implementation=request.attn_implementation)
+            except StopForward:
+                pass
+            interpreter.check_done()
+            values = interpreter.take(keep)
+        finally:
+            interpreter.clear()
 
-        values = interpreter.take(keep)
         report = {
             "peer_id": request.chain[0].peer_id,
             "start": self.start,
@@ -247,6 +272,21 @@ class BlockRunner:
 
     def release_session_bytes(self, nbytes: int) -> None:
         self.open_sessions -= 1
+        self.session_bytes -= nbytes
+
+    def grow_session_bytes(self, nbytes: int) -> None:
+        """Reserve more memory for an open session, or raise SessionCapacityError."""
+        from swarmlens.peer.session import SessionCapacityError
+
+        if self.session_bytes + nbytes > self.limits.max_session_bytes:
+            raise SessionCapacityError(
+                f"the session's values kept for later steps need {nbytes / 2**20:.1f} MiB more, but open "
+                f"sessions hold {self.session_bytes / 2**20:.1f} MiB of {self.limits.max_session_bytes / 2**20:.0f} MiB; "
+                "keep fewer or smaller values across steps, or retry later"
+            )
+        self.session_bytes += nbytes
+
+    def shrink_session_bytes(self, nbytes: int) -> None:
         self.session_bytes -= nbytes
 
     def info(self) -> dict:

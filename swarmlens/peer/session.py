@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 import torch
 from transformers import DynamicCache
 
-from swarmlens.intervene.errors import ExecutionError
+from swarmlens.intervene.budget import format_bytes
+from swarmlens.intervene.errors import BudgetError, ExecutionError
 from swarmlens.intervene.interpreter import Interpreter
 from swarmlens.peer.errors import InvalidResponseError, PeerTimeoutError, PeerUnreachableError, RemoteError
 from swarmlens.peer.protocol import ForwardResponse, SessionOpen, SessionStep
@@ -46,9 +47,9 @@ class InferenceSession:
         runner.validate_nodes(own, opened.at, max_step=max(opened.keep_after, default=0))
         self.keep_after = {step: by_block.get(runner.end - 1, []) for step, by_block in opened.keep_after.items()}
         keep = {node_id for ids in self.keep_after.values() for node_id in ids}
-        # NOTE: peers get no event numbers, so a session keeps every value it computed or
-        # received until it ends. The graph's size and the budget bound that memory.
-        self.interpreter = Interpreter(own, opened.at, runner.modules, keep=keep, limits=runner.limits.graph)
+        self.interpreter = Interpreter(own, opened.at, runner.modules, keep=keep, limits=runner.limits.graph,
+                                       events=runner.events_of(own, opened.at))
+        self.release_after = _release_steps(own, opened.at, self.keep_after)
         self.cache = DynamicCache(config=runner.config)
         self.num_nodes = len(own)
         self.attn_implementation = opened.attn_implementation
@@ -56,6 +57,7 @@ class InferenceSession:
         self.keep_ahead = opened.keep_after
         self.next_step = 0
         self.past_tokens = 0
+        self.held_bytes = 0  # reserved for values kept between steps, beyond the KV cache
 
     def run_step(self, message: SessionStep) -> tuple[torch.Tensor, dict, dict]:
         """Run this peer's blocks for one step; return hidden states, carried values and a report."""
@@ -70,7 +72,7 @@ class InferenceSession:
                                  past_tokens=self.past_tokens)
 
         interpreter = self.interpreter
-        interpreter.env.update(message.values)
+        interpreter.add_values(message.values)
         interpreter.step = message.step
         interpreter.budget.restart_clock()
         with interpreter.hooks():
@@ -79,15 +81,59 @@ class InferenceSession:
         interpreter.check_done(steps=message.step + 1)
 
         values = interpreter.take(self.keep_after.get(message.step, []))
+        interpreter.release(self.release_after.get(message.step, []))
+        self._reserve_held_bytes()
         self.next_step += 1
         self.past_tokens += tokens
         report = {"start": self.runner.start, "end": self.runner.end, "step": message.step,
                   "received": sorted(message.values), "sent": sorted(values)}
         return hidden, values, report
 
+    def close(self) -> None:
+        """Free the KV cache and every value, even while a traceback still refers to the session."""
+        self.interpreter.clear()
+        self.cache = None
+
     def nbytes(self) -> int:
         """Upper bound of the KV cache's size for the whole session, in bytes."""
         return session_nbytes(self.runner, self.batch_size, self.max_length)
+
+    def _reserve_held_bytes(self) -> None:
+        """Count the values kept for later steps against the peer's session memory.
+
+        Raises BudgetError if this session alone would pass the cap, so that the client does
+        not retry, and SessionCapacityError if other sessions leave too little room now.
+        """
+        held = self.interpreter.memory.nbytes
+        cap = self.runner.limits.max_session_bytes
+        if held + self.nbytes() > cap:
+            raise BudgetError(
+                f"values kept for later steps hold {format_bytes(held)}, which with the KV cache of "
+                f"{format_bytes(self.nbytes())} is above this peer's session memory of {format_bytes(cap)}; "
+                "keep fewer or smaller values across steps"
+            )
+        if held > self.held_bytes:
+            self.runner.grow_session_bytes(held - self.held_bytes)
+        else:
+            self.runner.shrink_session_bytes(self.held_bytes - held)
+        self.held_bytes = held
+
+
+def _release_steps(nodes: list, at: dict, keep_after: dict[int, list[int]]) -> dict[int, list[int]]:
+    """Map each step to the values that no later step uses or sends on, so they can go after it."""
+    last_step: dict[int, int] = {}
+    for node in nodes:
+        step = at[node.id][2]
+        for node_id in (node.id, *node.refs()):
+            last_step[node_id] = max(last_step.get(node_id, step), step)
+    for step, ids in keep_after.items():
+        for node_id in ids:
+            last_step[node_id] = max(last_step.get(node_id, step), step)
+
+    by_step: dict[int, list[int]] = {}
+    for node_id, step in last_step.items():
+        by_step.setdefault(step, []).append(node_id)
+    return by_step
 
 
 def session_nbytes(runner: "BlockRunner", batch_size: int, max_length: int) -> int:
@@ -103,6 +149,7 @@ async def serve_session(runner: "BlockRunner", reader: asyncio.StreamReader, wri
     limits = runner.limits
     downstream = None
     reserved = None
+    session = None
     began = time.perf_counter()
     steps = 0
     try:
@@ -133,10 +180,12 @@ async def serve_session(runner: "BlockRunner", reader: asyncio.StreamReader, wri
                        remote_peer_id[-6:], steps, type(error).__name__, error)
         await _send_error_quietly(writer, _remote_error(error, own_peer_id), own_peer_id)
     finally:
+        if session is not None:
+            session.close()
         if downstream is not None:
             downstream[1].close()
         if reserved is not None:
-            runner.release_session_bytes(reserved)
+            runner.release_session_bytes(reserved + (session.held_bytes if session is not None else 0))
         logger.info("session %d:%d from %s closed after %d steps, %.1f s", runner.start, runner.end,
                     remote_peer_id[-6:], steps, time.perf_counter() - began)
 
