@@ -4,6 +4,7 @@ Tolerance: the executor runs the same float32 ops as a plain forward, so values
 agree to 1e-5 absolute (observed: bit-identical).
 """
 
+import pytest
 import torch
 
 
@@ -133,3 +134,18 @@ def test_batched_prompt_matches_alone_within_tolerance(local_model):
         pass
     # Left padding: the prompt's tokens are the last ones of its row.
     torch.testing.assert_close(batched.logits[0, -alone.logits.shape[1]:], alone.logits[0], atol=1e-4, rtol=0)
+
+
+def test_held_memory_limit_is_the_models_own(local_model):
+    from swarmlens.intervene import BudgetError
+    from swarmlens.intervene.budget import Limits
+
+    default = local_model.limits
+    assert default.max_held_bytes >= 2**40  # no cap by default in the user's own process
+    local_model.limits = Limits(max_held_bytes=2**20)
+    try:
+        with pytest.raises(BudgetError, match="above the limit of 1.0 MiB"):
+            with local_model.trace(PROMPT):
+                [block.output.expand(64, -1, -1) * 2 for block in local_model.model.layers]
+    finally:
+        local_model.limits = default

@@ -42,7 +42,7 @@ def generate(model, graph: Graph, inputs: ModelInputs, config: GenerationConfig,
     connection = model.connection
     last = model.num_blocks
     interpreter = Interpreter(plan.nodes.get(-1, []) + plan.nodes.get(last, []), plan.at, model._client_modules,
-                              keep=set(graph.saved()) | plan.client_keep(), events=plan.events)
+                              keep=set(graph.saved()) | plan.client_keep(), limits=model.limits, events=plan.events)
 
     batch, prompt_length = inputs.input_ids.shape
     chain = connection.route(exclude, num_tokens=inputs.input_ids.numel())

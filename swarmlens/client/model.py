@@ -71,7 +71,8 @@ class SwarmModel(TracedModel):
         last = self.num_blocks
         client_nodes = plan.nodes.get(-1, []) + plan.nodes.get(last, [])
         keep = set(graph.saved()) | plan.client_keep()
-        interpreter = Interpreter(client_nodes, plan.at, self._client_modules, keep=keep, events=plan.events)
+        interpreter = Interpreter(client_nodes, plan.at, self._client_modules, keep=keep, limits=self.limits,
+                                  events=plan.events)
 
         try:
             with torch.no_grad(), interpreter.hooks():

@@ -30,6 +30,12 @@ class Limits:
     max_held_bytes: int = 2**32  # tensor memory the run's values hold at once: 4 GiB
 
 
+# Limits of graphs that run in the user's own process (the local executor and the client's
+# part of a swarm run): the same per-value checks as on peers, but no cap on held memory,
+# which is the user's to spend. Set `model.limits` to change them.
+USER_LIMITS = Limits(max_held_bytes=2**62)
+
+
 class Budget:
     def __init__(self, limits: Limits):
         self.limits = limits

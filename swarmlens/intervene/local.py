@@ -37,7 +37,8 @@ class LocalModel(TracedModel):
 
     def _run_graph(self, graph: Graph, inputs: ModelInputs, generation: GenerationConfig | None) -> RunResult:
         plan = self.plan(graph)
-        interpreter = Interpreter(graph.nodes, plan.at, self._modules, keep=graph.saved(), events=plan.events)
+        interpreter = Interpreter(graph.nodes, plan.at, self._modules, keep=graph.saved(), limits=self.limits,
+                                  events=plan.events)
         if generation is not None:
             return self._generate(graph, inputs, generation, plan, interpreter)
 

@@ -14,6 +14,7 @@ from torch import nn
 from swarmlens.intervene.envoy import Envoy
 from swarmlens.intervene.errors import StopForward, TraceError
 from swarmlens.intervene.graph import Graph, map_leaves
+from swarmlens.intervene.budget import USER_LIMITS
 from swarmlens.intervene.interpreter import Interpreter
 from swarmlens.intervene.partition import Partition, partition
 from swarmlens.intervene.schedule import schedule
@@ -55,6 +56,7 @@ class TracedModel:
         self.config = skeleton.config
         self.num_blocks = self.config.num_hidden_layers
         self.site_order = SiteOrder.from_skeleton(skeleton, architecture, self.num_blocks)
+        self.limits = USER_LIMITS  # for the graph parts that run in this process
         self.envoy = Envoy(self, skeleton, "")
         if tokenizer is not None:
             tokenizer.padding_side = "left"  # generation appends at the right end of every row
