@@ -11,6 +11,7 @@ import ctypes
 import gc
 import logging
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -97,12 +98,28 @@ def kill_descendants(grace_s: float = 5.0) -> list[str]:
     return descriptions
 
 
+def _accepts_connections(path: Path) -> bool:
+    """Return whether a process listens on the unix socket `path`, in any network namespace."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def remove_stale_sockets(created_after: set[Path]) -> list[Path]:
-    """Remove hivemind socket files that are new since `created_after` and bound by no process."""
+    """Remove hivemind socket files that are new since `created_after` and bound by no process.
+
+    /proc/net/unix lists only the sockets of this network namespace, so a socket missing
+    there is probed before removal: it may belong to a process in a test host namespace or
+    to another test run.
+    """
     bound = _bound_unix_socket_paths()
     removed = []
     for path in SOCKET_DIR.glob(HIVEMIND_SOCKET_GLOB):
-        if path in created_after or str(path) in bound:
+        if path in created_after or str(path) in bound or _accepts_connections(path):
             continue
         try:
             path.unlink()
