@@ -21,6 +21,7 @@ from swarmlens.swarm import start_dht, visible_maddrs
 pytestmark = pytest.mark.network
 
 MAX_REQUEST_BYTES = 2 * 2**20
+BUDGET_BYTES = 1000
 UNKNOWN_PEER_ID = "12D3KooWAXry77AYkuAS5uLS1EanTXe9nEzJ6TwWsGNQQyuxbBFt"
 
 
@@ -41,6 +42,13 @@ class Server:
             "test.pass_on": self.pass_on,
         }.items():
             loop_thread.run(transport.serve(self.p2p, name, handler, max_request_bytes=MAX_REQUEST_BYTES))
+        self.budget = transport.ByteBudget(BUDGET_BYTES)
+        loop_thread.run(transport.serve(self.p2p, "test.budgeted_sleep", self.budgeted_sleep,
+                                        max_request_bytes=MAX_REQUEST_BYTES, budget=self.budget))
+
+    async def budgeted_sleep(self, payload: bytes, remote_peer_id: str) -> bytes:
+        await asyncio.sleep(float(payload.split(b" ")[0]))
+        return b"done"
 
     async def reverse(self, payload: bytes, remote_peer_id: str) -> bytes:
         self.calls += 1
@@ -263,3 +271,46 @@ def test_connect_to_dead_address_unreachable(client, loop_thread):
 
     with pytest.raises(PeerUnreachableError):
         loop_thread.run(transport.connect(client, UNKNOWN_PEER_ID, [dead_maddr]))
+
+
+def _sleep_request(seconds: float, size: int = 600) -> bytes:
+    return f"{seconds} ".encode().ljust(size, b"x")
+
+
+def test_budget_rejects_request_while_full(server, client, loop_thread):
+    async def two_at_once():
+        slow = asyncio.create_task(transport.call(client, server.peer_id, "test.budgeted_sleep",
+                                                  _sleep_request(1.0), timeout=10))
+        await asyncio.sleep(0.3)
+        second = await asyncio.gather(transport.call(client, server.peer_id, "test.budgeted_sleep",
+                                                     _sleep_request(0), timeout=10), return_exceptions=True)
+        return await slow, second[0]
+
+    slow, second = loop_thread.run(two_at_once())
+
+    assert slow == b"done"
+    assert isinstance(second, RemoteError)
+    assert second.type_name == "PeerBusyError"
+    assert "already buffers 600 bytes" in second.message
+    assert call(loop_thread, client, server.peer_id, "test.budgeted_sleep", _sleep_request(0)) == b"done"
+    assert server.budget.used == 0
+
+
+def test_budget_counts_body_still_arriving(server, client, loop_thread):
+    async def stall_then_call():
+        _, reader, writer = await client.call_binary_stream_handler(server.p2p.peer_id, "test.budgeted_sleep")
+        writer.write((600).to_bytes(transport.HEADER_LEN, "big") + b"0 ")  # 2 of 600 bytes, then nothing
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        while_stalled = await asyncio.gather(transport.call(client, server.peer_id, "test.budgeted_sleep",
+                                                            _sleep_request(0), timeout=10), return_exceptions=True)
+        writer.close()
+        await asyncio.sleep(0.3)
+        return while_stalled[0]
+
+    while_stalled = loop_thread.run(stall_then_call())
+
+    assert isinstance(while_stalled, RemoteError)
+    assert while_stalled.type_name == "PeerBusyError"
+    assert server.budget.used == 0
+    assert call(loop_thread, client, server.peer_id, "test.budgeted_sleep", _sleep_request(0)) == b"done"

@@ -294,11 +294,12 @@ class BlockRunner:
         return {"open_sessions": self.open_sessions, "session_bytes": self.session_bytes,
                 "max_session_bytes": self.limits.max_session_bytes}
 
-    async def handle_session(self, reader, writer, remote_peer_id: str, own_peer_id: str, open_stream) -> None:
+    async def handle_session(self, reader, writer, remote_peer_id: str, own_peer_id: str, open_stream,
+                             budget=None) -> None:
         """Serve one inference session stream (see swarmlens.peer.session)."""
         from swarmlens.peer.session import serve_session
 
-        await serve_session(self, reader, writer, remote_peer_id, own_peer_id, open_stream)
+        await serve_session(self, reader, writer, remote_peer_id, own_peer_id, open_stream, budget)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -35,6 +35,9 @@ READY_MARKER = "SWARMLENS_PEER_READY"
 # Limits of one peer. Hidden states of SmolLM2-135M (hidden size 576, float32) take 2.3 KB
 # per token, so 64 MiB fits a batch of about 29,000 tokens plus the intervention graph.
 DEFAULT_MAX_REQUEST_BYTES = 64 * 2**20
+# Request bytes a peer buffers at once over all streams, request bodies still arriving
+# included: 16 requests of the maximum size.
+DEFAULT_MAX_BUFFERED_REQUEST_BYTES = 16 * DEFAULT_MAX_REQUEST_BYTES
 # Seconds a request may take on this peer, waiting for admission and the rest of the chain
 # after it included.
 DEFAULT_REQUEST_TIMEOUT_S = 120.0
@@ -65,6 +68,7 @@ class PeerLimits:
     """Protection limits of a peer; see the DEFAULT_* constants of this module for units."""
 
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_buffered_request_bytes: int = DEFAULT_MAX_BUFFERED_REQUEST_BYTES
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
@@ -178,6 +182,7 @@ class _PeerSession:
             max_waiting=limits.max_waiting_requests,
             max_per_second=limits.max_requests_per_s,
         )
+        self.request_budget = transport.ByteBudget(limits.max_buffered_request_bytes)
 
     async def run(self, runner_factory: RunnerFactory, source: Any) -> None:
         stop_event = asyncio.Event()
@@ -197,7 +202,8 @@ class _PeerSession:
         self.p2p = await self.dht.replicate_p2p()
         peer_id = self.p2p.peer_id.to_base58()
         await transport.serve(
-            self.p2p, transport.FORWARD_PROTOCOL, self.handle_request, max_request_bytes=self.limits.max_request_bytes
+            self.p2p, transport.FORWARD_PROTOCOL, self.handle_request,
+            max_request_bytes=self.limits.max_request_bytes, budget=self.request_budget,
         )
         serves_sessions = callable(getattr(self.runner, "handle_session", None))
         if serves_sessions:
@@ -278,7 +284,7 @@ class _PeerSession:
             # Sessions are bounded by the runner's KV cache budget, not by admission slots: a
             # session holds its stream open between steps, and would block forward requests.
             await self.runner.handle_session(reader, writer, remote_peer_id, self.p2p.peer_id.to_base58(),
-                                             self.open_session_stream)
+                                             self.open_session_stream, budget=self.request_budget)
         except Exception as error:  # noqa: BLE001 - a session must never stop the peer
             logger.warning("session from %s ended with %s: %s", _short(remote_peer_id), type(error).__name__, error)
         finally:

@@ -8,10 +8,11 @@ holds is freed when its stream ends, for whatever reason.
 """
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable
+from typing import TYPE_CHECKING, Awaitable, Callable, Iterator
 
 import torch
 from transformers import DynamicCache
@@ -22,6 +23,7 @@ from swarmlens.intervene.interpreter import Interpreter
 from swarmlens.peer.errors import InvalidResponseError, PeerTimeoutError, PeerUnreachableError, RemoteError
 from swarmlens.peer.protocol import ForwardResponse, SessionOpen, SessionStep
 from swarmlens.peer.runner import check_carried_values
+from swarmlens.peer.transport import ByteBudget
 from swarmlens.peer.session_stream import read_request, read_response, write_error, write_request, write_response
 
 if TYPE_CHECKING:
@@ -144,8 +146,13 @@ def session_nbytes(runner: "BlockRunner", batch_size: int, max_length: int) -> i
 
 
 async def serve_session(runner: "BlockRunner", reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        remote_peer_id: str, own_peer_id: str, open_stream: OpenStream) -> None:
-    """Serve one session stream from its open message to its end; free everything after."""
+                        remote_peer_id: str, own_peer_id: str, open_stream: OpenStream,
+                        budget: ByteBudget | None = None) -> None:
+    """Serve one session stream from its open message to its end; free everything after.
+
+    Each frame's bytes count in `budget`, the peer's buffered request bytes, until the
+    frame has been handled.
+    """
     limits = runner.limits
     downstream = None
     reserved = None
@@ -153,10 +160,13 @@ async def serve_session(runner: "BlockRunner", reader: asyncio.StreamReader, wri
     began = time.perf_counter()
     steps = 0
     try:
-        data = await asyncio.wait_for(read_request(reader, limits.max_request_bytes), limits.session_idle_timeout)
+        data = await asyncio.wait_for(read_request(reader, limits.max_request_bytes, budget),
+                                      limits.session_idle_timeout)
         if data is None:
             return
-        opened = SessionOpen.decode(data, limits.max_request_bytes)
+        with _reserved(budget, len(data)):
+            opened = SessionOpen.decode(data, limits.max_request_bytes)
+            del data
         if opened.batch_size < 1 or opened.max_length < 1:
             raise ValueError("a session needs batch_size >= 1 and max_length >= 1")
         runner.check_chain(opened.chain, opened.nodes, opened.at)
@@ -168,11 +178,15 @@ async def serve_session(runner: "BlockRunner", reader: asyncio.StreamReader, wri
                     remote_peer_id[-6:], opened.batch_size, opened.max_length, session.num_nodes)
 
         while True:
-            data = await asyncio.wait_for(read_request(reader, limits.max_request_bytes), limits.session_idle_timeout)
+            data = await asyncio.wait_for(read_request(reader, limits.max_request_bytes, budget),
+                                          limits.session_idle_timeout)
             if data is None:
                 break
-            response = await _run_step(runner, session, SessionStep.decode(data, limits.max_request_bytes),
-                                       downstream, own_peer_id)
+            with _reserved(budget, len(data)):
+                step = SessionStep.decode(data, limits.max_request_bytes)
+                del data
+                response = await _run_step(runner, session, step, downstream, own_peer_id)
+                del step
             await write_response(writer, response.encode())
             steps += 1
     except Exception as error:  # noqa: BLE001 - every session error goes back to the caller, then the session ends
@@ -230,6 +244,16 @@ async def _run_step(runner: "BlockRunner", session: InferenceSession, message: S
     response = ForwardResponse.decode(data, runner.limits.max_response_bytes)
     response.hops.insert(0, report)
     return response
+
+
+@contextlib.contextmanager
+def _reserved(budget: ByteBudget | None, nbytes: int) -> Iterator[None]:
+    """Release a frame's `nbytes` from `budget` when the block ends."""
+    try:
+        yield
+    finally:
+        if budget is not None:
+            budget.release(nbytes)
 
 
 def _remote_error(error: Exception, own_peer_id: str) -> Exception:

@@ -10,6 +10,7 @@ import asyncio
 from swarmlens.peer.errors import RequestTooLargeError
 from swarmlens.peer.transport import (
     BYTEORDER,
+    ByteBudget,
     HEADER_LEN,
     RESPONSE_ERROR,
     RESPONSE_OK,
@@ -22,8 +23,12 @@ from swarmlens.peer.transport import (
 SESSION_PROTOCOL = "swarmlens.session"
 
 
-async def read_request(reader: asyncio.StreamReader, max_bytes: int) -> bytes | None:
-    """Read one request frame; return None when the caller closed the stream."""
+async def read_request(reader: asyncio.StreamReader, max_bytes: int, budget: ByteBudget | None = None) -> bytes | None:
+    """Read one request frame; return None when the caller closed the stream.
+
+    With `budget`, the frame's length is reserved in it before the body is read (or
+    PeerBusyError is raised), and the caller releases `len(frame)` once done with it.
+    """
     try:
         header = await reader.readexactly(HEADER_LEN)
     except asyncio.IncompleteReadError as error:
@@ -33,7 +38,16 @@ async def read_request(reader: asyncio.StreamReader, max_bytes: int) -> bytes | 
     length = int.from_bytes(header, BYTEORDER)
     if length > max_bytes:
         raise RequestTooLargeError(f"session frame of {length} bytes exceeds the limit of {max_bytes} bytes")
-    return await reader.readexactly(length)
+    if budget is None:
+        return await reader.readexactly(length)
+
+    if not budget.try_reserve(length):
+        raise budget.busy_error(length)
+    try:
+        return await reader.readexactly(length)
+    except BaseException:
+        budget.release(length)
+        raise
 
 
 async def write_request(writer: asyncio.StreamWriter, payload: bytes) -> None:

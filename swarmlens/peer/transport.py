@@ -31,6 +31,7 @@ from hivemind.utils.multiaddr import Multiaddr
 
 from swarmlens.peer.errors import (
     InvalidResponseError,
+    PeerBusyError,
     PeerTimeoutError,
     PeerUnreachableError,
     RemoteError,
@@ -63,6 +64,37 @@ MAX_ERROR_FRAME_BYTES = 64 * 1024
 Handler = Callable[[bytes, str], Awaitable[bytes]]
 
 
+class ByteBudget:
+    """The request bytes that a server buffers at once, over all its streams and protocols.
+
+    The size limit of one request does not bound many requests at once: a client that
+    opens many streams and sends each body slowly would make the server buffer them all.
+    Not thread-safe: use it from the event loop only.
+    """
+
+    def __init__(self, limit: int):
+        if limit <= 0:
+            raise ValueError(f"invalid byte budget {limit}: it must be positive")
+        self.limit = limit
+        self.used = 0
+
+    def try_reserve(self, nbytes: int) -> bool:
+        """Reserve `nbytes` if they fit; return whether they did."""
+        if self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.used -= nbytes
+
+    def busy_error(self, nbytes: int) -> PeerBusyError:
+        return PeerBusyError(
+            f"this peer already buffers {self.used} bytes of requests and cannot take {nbytes} more "
+            f"(its limit is {self.limit} bytes); retry later or use another peer"
+        )
+
+
 async def serve(
     p2p: P2P,
     name: str,
@@ -70,11 +102,13 @@ async def serve(
     *,
     max_request_bytes: int,
     read_timeout: float = DEFAULT_READ_TIMEOUT_S,
+    budget: ByteBudget | None = None,
 ) -> None:
     """Register `handler` for protocol `name`: `await handler(payload, remote_peer_id)` -> bytes.
 
     Each incoming stream carries one request. Requests longer than `max_request_bytes` are
-    rejected with a `RequestTooLargeError` frame before their body is read. Any exception
+    rejected with a `RequestTooLargeError` frame before their body is read, and so are
+    requests that do not fit in `budget`, with a `PeerBusyError` frame. Any exception
     from `handler` goes back to the caller as an error frame, so a bad request never stops
     the server. Returns once the handler is registered; p2p keeps serving in the background.
     """
@@ -88,7 +122,7 @@ async def serve(
             await _serve_request(
                 reader, writer, handler,
                 remote_peer_id=remote_peer_id, own_peer_id=own_peer_id,
-                max_request_bytes=max_request_bytes, read_timeout=read_timeout,
+                max_request_bytes=max_request_bytes, read_timeout=read_timeout, budget=budget,
             )
         except asyncio.IncompleteReadError as error:
             logger.warning(
@@ -117,6 +151,7 @@ async def _serve_request(
     own_peer_id: str,
     max_request_bytes: int,
     read_timeout: float,
+    budget: ByteBudget | None,
 ) -> None:
     header = await asyncio.wait_for(reader.readexactly(HEADER_LEN), read_timeout)
     length = int.from_bytes(header, BYTEORDER)
@@ -129,10 +164,29 @@ async def _serve_request(
             f"request of {length} bytes exceeds the limit of {max_request_bytes} bytes of this peer; "
             "send fewer tokens per request or use a peer started with a larger request limit"
         )
-        await _send_error(writer, error, own_peer_id)
-        await _discard_until_eof(reader, writer)
+        await _reject(reader, writer, error, own_peer_id)
+        return
+    if budget is not None and not budget.try_reserve(length):
+        logger.warning("Rejected a request of %d bytes from peer %s: %d of %d bytes already buffered",
+                       length, remote_peer_id, budget.used, budget.limit)
+        await _reject(reader, writer, budget.busy_error(length), own_peer_id)
         return
 
+    try:
+        await _read_and_answer(reader, writer, handler, length, read_timeout, remote_peer_id, own_peer_id)
+    finally:
+        if budget is not None:
+            budget.release(length)
+    # Closing at once can reset the stream before the caller has read the frame (seen in
+    # CI for an error frame), so wait for the caller to close its side first.
+    await _discard_until_eof(reader, writer)
+
+
+async def _read_and_answer(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler, length: int,
+    read_timeout: float, remote_peer_id: str, own_peer_id: str,
+) -> None:
+    """Read the request body, run the handler and send its response or error as one frame."""
     payload = await asyncio.wait_for(reader.readexactly(length), read_timeout)
     try:
         response = await handler(payload, remote_peer_id)
@@ -143,8 +197,12 @@ async def _serve_request(
         await _send_error(writer, error, own_peer_id)
     else:
         await _send_frame(writer, RESPONSE_OK, response)
-    # Closing at once can reset the stream before the caller has read the frame (seen in
-    # CI for an error frame), so wait for the caller to close its side first.
+
+
+async def _reject(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: Exception,
+                  own_peer_id: str) -> None:
+    """Send an error frame before the request body is read, then drop the body."""
+    await _send_error(writer, error, own_peer_id)
     await _discard_until_eof(reader, writer)
 
 
