@@ -11,6 +11,7 @@ import time
 from typing import Sequence
 
 from swarmlens import __version__
+from swarmlens.addresses import PortInUseError, check_ipv4, check_port
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "announce_host", None) is not None and args.port == 0:
         parser.error("--announce-host needs a fixed --port, the one that other machines dial")
+    if getattr(args, "max_buffered_request_bytes", 0) < getattr(args, "max_request_bytes", 0):
+        parser.error("--max-buffered-request-bytes must be at least --max-request-bytes")
     logging.basicConfig(
         level=getattr(logging, args.log_level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -33,6 +36,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args) or 0
     except KeyboardInterrupt:
         return 130
+    except PortInUseError as error:
+        print(f"error: {error.strerror}", file=sys.stderr)
+        return 1
+
+
+def _parse_ipv4(text: str) -> str:
+    try:
+        return check_ipv4(text, "address")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _parse_port(text: str) -> int:
+    try:
+        return check_port(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected 0 (any free port) to 65535") from None
 
 
 def parse_span(text: str) -> tuple[int, int]:
@@ -121,11 +141,11 @@ def _add_initial_peers_option(parser: argparse.ArgumentParser, *, required: bool
 
 
 def _add_listen_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--host", type=_parse_ipv4, default="127.0.0.1",
                         help="IPv4 address to listen on (default: 127.0.0.1, loopback only)")
-    parser.add_argument("--port", type=int, default=0,
+    parser.add_argument("--port", type=_parse_port, default=0,
                         help="TCP port to listen on (default: 0, any free port)")
-    parser.add_argument("--announce-host", default=None, metavar="ADDRESS",
+    parser.add_argument("--announce-host", type=_parse_ipv4, default=None, metavar="ADDRESS",
                         help="IPv4 address that other machines dial to reach this node, if it is not "
                              "--host (for example the public address of a machine behind a port forward, "
                              "or one that listens on 0.0.0.0); needs --port")
@@ -137,6 +157,9 @@ def _add_peer_limit_options(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--max-request-bytes", type=int, default=server.DEFAULT_MAX_REQUEST_BYTES,
                         help="largest request accepted, in bytes (default: %(default)s)")
+    parser.add_argument("--max-buffered-request-bytes", type=int, default=server.DEFAULT_MAX_BUFFERED_REQUEST_BYTES,
+                        help="request bytes the peer buffers at once over all streams, bodies still "
+                             "arriving included; more get a PeerBusyError (default: %(default)s)")
     parser.add_argument("--request-timeout", type=float, default=server.DEFAULT_REQUEST_TIMEOUT_S,
                         metavar="SECONDS", help="time one request may take on this peer and the "
                                                 "peers after it, in seconds (default: %(default)s)")
@@ -181,6 +204,7 @@ def _run_peer(args: argparse.Namespace) -> int:
     start, end = args.blocks
     limits = PeerLimits(
         max_request_bytes=args.max_request_bytes,
+        max_buffered_request_bytes=args.max_buffered_request_bytes,
         request_timeout=args.request_timeout,
         max_concurrent_requests=args.max_concurrent_requests,
         max_waiting_requests=args.max_waiting_requests,

@@ -57,3 +57,19 @@ def test_announce_host_requires_port(capsys):
 
     assert exit_info.value.code == 2
     assert "--announce-host needs a fixed --port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["dht", "--host", "example.com"], "invalid address 'example.com'"),
+    (["dht", "--announce-host", "::1", "--port", "31337"], "invalid address '::1'"),
+    (["dht", "--port", "-5"], "invalid port '-5'"),
+    (["dht", "--port", "70000"], "invalid port '70000'"),
+    (["peer", "--blocks", "0:3", "--initial-peers", "x", "--max-buffered-request-bytes", "10"],
+     "--max-buffered-request-bytes must be at least --max-request-bytes"),
+])
+def test_invalid_listen_options_rejected(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

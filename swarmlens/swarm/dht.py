@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 import hivemind
 
+from swarmlens.addresses import check_ipv4, check_port, check_port_free
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_HOST = "127.0.0.1"
@@ -24,6 +26,8 @@ def loopback_dht_kwargs(host: str = DEFAULT_HOST, port: int = 0, announce_host: 
     `use_auto_relay`) and bootstrap from public IPFS nodes (`use_ipfs`), so all of them are
     switched off. A deployment on a real network passes its public address as `host`.
     """
+    check_ipv4(host)
+    check_port(port)
     kwargs: dict[str, Any] = {
         "host_maddrs": [f"/ip4/{host}/tcp/{port}"],
         "nat_port_map": False,
@@ -33,6 +37,7 @@ def loopback_dht_kwargs(host: str = DEFAULT_HOST, port: int = 0, announce_host: 
         "use_ipfs": False,
     }
     if announce_host is not None:
+        check_ipv4(announce_host, "announce host")
         if port == 0:
             raise ValueError(
                 f"cannot announce {announce_host} without a fixed port: pass a port (--port) "
@@ -57,12 +62,15 @@ def start_dht(
     for example when no initial peer answers. `announce_host` is described in
     `loopback_dht_kwargs`.
     """
+    kwargs = loopback_dht_kwargs(host, port, announce_host)
+    if port != 0:
+        check_port_free(host, port)
     started_at = time.perf_counter()
     dht = hivemind.DHT(
         initial_peers=list(initial_peers) or None,
         start=True,
         client_mode=client_mode,
-        **loopback_dht_kwargs(host, port, announce_host),
+        **kwargs,
     )
     elapsed_ms = (time.perf_counter() - started_at) * 1000
     logger.debug("DHT node started in %.0f ms (client_mode=%s)", elapsed_ms, client_mode)
