@@ -107,3 +107,10 @@ def test_hasattr_on_model_and_envoy(local_model):
     assert hasattr(local_model, "model")
     assert not hasattr(local_model, "decoder")
     assert not hasattr(local_model.model.layers[0], "attention")
+
+
+@pytest.mark.parametrize("prompts", ["", ["A prompt", ""]])
+def test_empty_prompt_is_rejected(local_model, prompts):
+    with pytest.raises(ValueError, match="every prompt must be a non-empty string"):
+        with local_model.trace(prompts):
+            pass

@@ -1,6 +1,7 @@
 """SwarmConnection: the client's DHT node, its event loop thread, routing and calls with retries."""
 
 import asyncio
+import atexit
 import logging
 import threading
 import time
@@ -47,6 +48,10 @@ class SwarmConnection:
         self._thread = threading.Thread(target=self._loop.run_forever, name="swarmlens-client-loop", daemon=True)
         self._thread.start()
         self._p2p = self.run(self.dht.replicate_p2p())
+        self._closed = False
+        # A script that never calls close() would otherwise end with asyncio's
+        # "Task was destroyed but it is pending" errors from the P2P replica.
+        atexit.register(self.close)
 
     def run(self, coroutine):
         """Run a coroutine on the client's loop and wait for its result."""
@@ -114,6 +119,10 @@ class SwarmConnection:
 
     def close(self) -> None:
         """Stop the loop thread (cancelling the P2P replica's tasks first) and the DHT node."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
         if self._loop.is_running():
             self.run(_cancel_other_tasks())
             self._loop.call_soon_threadsafe(self._loop.stop)

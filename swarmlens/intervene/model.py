@@ -175,6 +175,10 @@ class TracedModel:
         if isinstance(inputs, ModelInputs):
             return inputs
         if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], str)):
+            prompts = [inputs] if isinstance(inputs, str) else inputs
+            if any(not isinstance(prompt, str) or not prompt for prompt in prompts):
+                raise ValueError("every prompt must be a non-empty string, but one is empty; "
+                                 "pass text, or token ids if the model should start from a special token")
             encoded = self.tokenizer(inputs, return_tensors="pt", padding=True)
             input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
         elif isinstance(inputs, torch.Tensor):
