@@ -6,7 +6,6 @@ import argparse
 import logging
 import signal
 import sys
-import threading
 import time
 from typing import Sequence
 
@@ -18,6 +17,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_SPANS = ["0:15", "15:30"]
 # How often `swarmlens up` checks that its children still run, in seconds.
 MONITOR_INTERVAL_S = 1.0
+# How often a command that runs until interrupted checks for a stop signal, in seconds.
+STOP_POLL_INTERVAL_S = 0.2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -182,19 +183,19 @@ def _add_peer_limit_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_dht(args: argparse.Namespace) -> int:
-    from swarmlens.swarm.dht import start_dht, visible_maddrs
+    from swarmlens.swarm.dht import start_dht, stop_dht, visible_maddrs
 
-    stop_event = _stop_event_on_signals()
+    stop_signal = _StopSignal()
     dht = start_dht(host=args.host, port=args.port, announce_host=args.announce_host)
     try:
         maddrs = visible_maddrs(dht)
         logger.info("DHT node is running at %s", " ".join(maddrs))
         sys.stdout.write("".join(f"SWARMLENS_DHT_READY {maddr}\n" for maddr in maddrs))
         sys.stdout.flush()
-        stop_event.wait()
+        stop_signal.wait()
         logger.info("Stopping the DHT node")
     finally:
-        dht.shutdown()
+        stop_dht(dht)
     return 0
 
 
@@ -249,6 +250,7 @@ def _run_up(args: argparse.Namespace) -> int:
 
 def _run_status(args: argparse.Namespace) -> int:
     from swarmlens.swarm import MissingBlocksError, choose_chain, fetch_spans, start_dht
+    from swarmlens.swarm.dht import stop_dht
 
     model_id, num_blocks = _resolve_model_id_and_blocks(args)
     dht = start_dht(args.initial_peers, client_mode=True)
@@ -256,7 +258,7 @@ def _run_status(args: argparse.Namespace) -> int:
         states = ("joining", "online", "offline") if args.all else ("online",)
         spans = fetch_spans(dht, model_id, num_blocks, states=states)
     finally:
-        dht.shutdown()
+        stop_dht(dht)
 
     print(f"Model {model_id}, blocks 0:{num_blocks}, {len(spans)} peers")
     for span in spans:
@@ -287,13 +289,22 @@ def _run_demo(args: argparse.Namespace) -> int:
     return demo.main(args) or 0
 
 
-def _stop_event_on_signals() -> threading.Event:
-    """Return an event that SIGINT and SIGTERM set, for commands that run until interrupted."""
-    stop_event = threading.Event()
+class _StopSignal:
+    """A flag that SIGINT and SIGTERM raise, for commands that run until interrupted.
 
-    def set_stop_event(signum: int, frame: object) -> None:
-        stop_event.set()
+    The handler only appends to a list: a threading.Event set from a signal handler can
+    deadlock when the signal arrives while the main thread holds the event's lock in wait().
+    """
 
-    signal.signal(signal.SIGINT, set_stop_event)
-    signal.signal(signal.SIGTERM, set_stop_event)
-    return stop_event
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received.append(signum)
+
+    def wait(self) -> None:
+        """Return once a signal has arrived."""
+        while not self.received:
+            time.sleep(STOP_POLL_INTERVAL_S)

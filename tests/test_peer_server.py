@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -246,3 +247,24 @@ def test_up_command_stops_everything_on_signal(tmp_path, signum):
 
     _, alive = psutil.wait_procs(started, timeout=10)
     assert alive == []
+
+
+def test_dht_command_stops_on_group_sigterm(tmp_path, no_leftover_processes):
+    # Like `pkill -f "swarmlens dht"`, the signal reaches the hivemind DHT process and p2pd
+    # too, and the command must still exit rather than wait for its DHT process forever.
+    log_path = tmp_path / "dht.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "swarmlens", "dht"], stdout=log_file,
+                                   stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "SWARMLENS_DHT_READY" not in log_path.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log_path.read_text()
+            time.sleep(0.2)
+
+        os.killpg(process.pid, signal.SIGTERM)
+
+        assert process.wait(30) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)

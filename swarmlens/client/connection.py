@@ -17,6 +17,7 @@ from swarmlens.peer.protocol import ForwardRequest, ForwardResponse, SessionOpen
 from swarmlens.peer.session_stream import SESSION_PROTOCOL, read_response, write_request
 from swarmlens.peer.transport import FORWARD_PROTOCOL, call
 from swarmlens.swarm import choose_chain, fetch_spans_async, start_dht
+from swarmlens.swarm.dht import stop_dht
 from swarmlens.swarm.routing import Hop
 
 logger = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class SwarmConnection:
             self.run(_cancel_other_tasks())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
-        self.dht.shutdown()
+        stop_dht(self.dht)
 
 
 class RemoteSession:

@@ -26,7 +26,7 @@ from swarmlens.peer.session_stream import SESSION_PROTOCOL
 
 INFO_PROTOCOL = "swarmlens.info"
 from swarmlens.swarm.announce import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S, Announcer
-from swarmlens.swarm.dht import DEFAULT_HOST, start_dht, visible_maddrs
+from swarmlens.swarm.dht import DEFAULT_HOST, start_dht, stop_dht, visible_maddrs
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def run_peer(
             # A second SIGTERM must not kill the process before p2pd is stopped.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if dht is not None:
-            dht.shutdown()
+            stop_dht(dht)
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous_sigterm)
         logger.info("Peer for blocks %d:%d stopped", start, end)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
+import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import hivemind
 
@@ -66,15 +69,50 @@ def start_dht(
     if port != 0:
         check_port_free(host, port)
     started_at = time.perf_counter()
-    dht = hivemind.DHT(
-        initial_peers=list(initial_peers) or None,
-        start=True,
-        client_mode=client_mode,
-        **kwargs,
-    )
+    with _default_signal_handlers():
+        dht = hivemind.DHT(
+            initial_peers=list(initial_peers) or None,
+            start=True,
+            client_mode=client_mode,
+            **kwargs,
+        )
     elapsed_ms = (time.perf_counter() - started_at) * 1000
     logger.debug("DHT node started in %.0f ms (client_mode=%s)", elapsed_ms, client_mode)
     return dht
+
+
+def stop_dht(dht: hivemind.DHT, timeout: float = 10.0) -> None:
+    """Shut the DHT node down; kill its process if it is still alive after `timeout` seconds.
+
+    hivemind's own shutdown sends SIGTERM as its last resort, which a process with a
+    SIGTERM handler may not act on, and the interpreter then waits for it at exit.
+    """
+    dht.shutdown()
+    dht.join(timeout)
+    if dht.is_alive():
+        logger.warning("The DHT process (pid %s) did not stop within %.0f s; killing it", dht.pid, timeout)
+        dht.kill()
+        dht.join(timeout)
+
+
+@contextlib.contextmanager
+def _default_signal_handlers() -> Iterator[None]:
+    """Let the DHT process start with Python's default SIGTERM and SIGINT handling.
+
+    hivemind forks the DHT process, which would otherwise inherit the handlers of the
+    caller, such as one that only sets a stop flag, and then ignore the SIGTERM with which
+    hivemind stops it as a last resort.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:
