@@ -20,7 +20,7 @@ from transformers.masking_utils import create_causal_mask
 
 from swarmlens.intervene.errors import ExecutionError, StopForward
 from swarmlens.intervene.graph import INPUT, OUTPUT, Graph, Node
-from swarmlens.intervene.budget import Limits
+from swarmlens.intervene.budget import Limits, format_bytes
 from swarmlens.intervene.interpreter import Interpreter
 from swarmlens.intervene.local import attention_implementation
 from swarmlens.intervene.sites import Architecture, SiteOrder, architecture_for
@@ -260,13 +260,8 @@ class BlockRunner:
         if self.open_sessions >= self.limits.max_sessions:
             raise SessionCapacityError(f"this peer has {self.open_sessions} open sessions, its maximum; "
                                        "retry later or use another peer")
-        if self.session_bytes + nbytes > self.limits.max_session_bytes:
-            raise SessionCapacityError(
-                f"a session of {nbytes / 2**20:.1f} MiB does not fit: open sessions hold "
-                f"{self.session_bytes / 2**20:.1f} MiB of {self.limits.max_session_bytes / 2**20:.0f} MiB; "
-                "retry later, use another peer, or ask for fewer tokens"
-            )
-        self.session_bytes += nbytes
+        self.grow_session_bytes(nbytes, needed_by="a new session's KV cache",
+                                advice="retry later, use another peer, or ask for fewer tokens")
         self.open_sessions += 1
         return nbytes
 
@@ -274,15 +269,16 @@ class BlockRunner:
         self.open_sessions -= 1
         self.session_bytes -= nbytes
 
-    def grow_session_bytes(self, nbytes: int) -> None:
-        """Reserve more memory for an open session, or raise SessionCapacityError."""
+    def grow_session_bytes(self, nbytes: int, needed_by: str = "the values a session keeps for later steps",
+                           advice: str = "keep fewer or smaller values across steps, or retry later") -> None:
+        """Reserve more session memory, or raise SessionCapacityError if open sessions hold too much."""
         from swarmlens.peer.session import SessionCapacityError
 
-        if self.session_bytes + nbytes > self.limits.max_session_bytes:
+        cap = self.limits.max_session_bytes
+        if self.session_bytes + nbytes > cap:
             raise SessionCapacityError(
-                f"the session's values kept for later steps need {nbytes / 2**20:.1f} MiB more, but open "
-                f"sessions hold {self.session_bytes / 2**20:.1f} MiB of {self.limits.max_session_bytes / 2**20:.0f} MiB; "
-                "keep fewer or smaller values across steps, or retry later"
+                f"{needed_by} needs {format_bytes(nbytes)}, but open sessions hold "
+                f"{format_bytes(self.session_bytes)} of {format_bytes(cap)}; {advice}"
             )
         self.session_bytes += nbytes
 
