@@ -49,6 +49,16 @@ def _parse_ipv4(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _parse_positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected a positive whole number of bytes")
+    return value
+
+
 def _parse_port(text: str) -> int:
     try:
         return check_port(int(text))
@@ -156,11 +166,17 @@ def _add_peer_limit_options(parser: argparse.ArgumentParser) -> None:
     from swarmlens.peer import server
     from swarmlens.swarm.announce import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S
 
-    parser.add_argument("--max-request-bytes", type=int, default=server.DEFAULT_MAX_REQUEST_BYTES,
+    parser.add_argument("--max-request-bytes", type=_parse_positive_int, default=server.DEFAULT_MAX_REQUEST_BYTES,
                         help="largest request accepted, in bytes (default: %(default)s)")
-    parser.add_argument("--max-buffered-request-bytes", type=int, default=server.DEFAULT_MAX_BUFFERED_REQUEST_BYTES,
+    parser.add_argument("--max-buffered-request-bytes", type=_parse_positive_int, default=server.DEFAULT_MAX_BUFFERED_REQUEST_BYTES,
                         help="request bytes the peer buffers at once over all streams, bodies still "
                              "arriving included; more get a PeerBusyError (default: %(default)s)")
+    parser.add_argument("--max-session-bytes", type=_parse_positive_int, default=None,
+                        help="memory that open inference sessions may reserve together, for their KV "
+                             "caches and the values they keep between steps (default: 1 GiB)")
+    parser.add_argument("--max-graph-bytes", type=_parse_positive_int, default=None,
+                        help="tensor memory that the values of one request's intervention graph may "
+                             "hold at once (default: 4 GiB)")
     parser.add_argument("--request-timeout", type=float, default=server.DEFAULT_REQUEST_TIMEOUT_S,
                         metavar="SECONDS", help="time one request may take on this peer and the "
                                                 "peers after it, in seconds (default: %(default)s)")
@@ -210,6 +226,8 @@ def _run_peer(args: argparse.Namespace) -> int:
         max_concurrent_requests=args.max_concurrent_requests,
         max_waiting_requests=args.max_waiting_requests,
         max_requests_per_s=args.max_requests_per_second,
+        max_session_bytes=args.max_session_bytes,
+        max_graph_bytes=args.max_graph_bytes,
     )
     runner_factory = load_runner_factory(args.runner_factory) if args.runner_factory else None
     run_peer(

@@ -67,16 +67,19 @@ class BlockRunner:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmlens-compute")
 
     @classmethod
-    async def create(cls, checkpoint_path: Path | str, start: int, end: int) -> "BlockRunner":
-        return await asyncio.get_running_loop().run_in_executor(None, cls.load, checkpoint_path, start, end)
+    async def create(cls, checkpoint_path: Path | str, start: int, end: int,
+                     limits: RunnerLimits = RunnerLimits()) -> "BlockRunner":
+        return await asyncio.get_running_loop().run_in_executor(None, cls.load, checkpoint_path, start, end, limits)
 
     @classmethod
-    def load(cls, checkpoint_path: Path | str, start: int, end: int) -> "BlockRunner":
+    def load(cls, checkpoint_path: Path | str, start: int, end: int,
+             limits: RunnerLimits = RunnerLimits()) -> "BlockRunner":
         from swarmlens.checkpoint import load_blocks, load_config, load_rotary_embedding
 
         blocks = load_blocks(checkpoint_path, start, end)
         config = _config_of(blocks) or load_config(checkpoint_path)
-        runner = cls(blocks, load_rotary_embedding(config), config, architecture_for(config.model_type), start, end)
+        runner = cls(blocks, load_rotary_embedding(config), config, architecture_for(config.model_type), start, end,
+                     limits)
         runner.throughput = runner.measure_throughput()
         runner.site_order  # built now, so that the first request does not wait for it
         return runner

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import importlib
 import logging
 import signal
@@ -73,6 +74,23 @@ class PeerLimits:
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
     max_requests_per_s: int = DEFAULT_MAX_REQUESTS_PER_S
+    # None keeps the defaults of swarmlens.peer.runner.RunnerLimits (1 GiB) and of
+    # swarmlens.intervene.budget.Limits (4 GiB).
+    max_session_bytes: int | None = None
+    max_graph_bytes: int | None = None
+
+    def runner_limits(self):
+        """Return the `RunnerLimits` of the block runner that these limits imply."""
+        from swarmlens.intervene.budget import Limits
+        from swarmlens.peer.runner import RunnerLimits
+
+        defaults = RunnerLimits()
+        return dataclasses.replace(
+            defaults,
+            max_request_bytes=self.max_request_bytes,
+            max_session_bytes=self.max_session_bytes or defaults.max_session_bytes,
+            graph=Limits(max_held_bytes=self.max_graph_bytes or defaults.graph.max_held_bytes),
+        )
 
 
 def run_peer(
@@ -115,7 +133,7 @@ def run_peer(
 
             source: Any = resolve_checkpoint(model)
             dht_model_id = model_id or checkpoint_model_id(source)
-            runner_factory = _create_block_runner
+            runner_factory = functools.partial(_create_block_runner, limits=limits.runner_limits())
         else:
             source = model
             dht_model_id = model_id or model
@@ -143,10 +161,10 @@ def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"received signal {signum}")
 
 
-async def _create_block_runner(checkpoint_path: Path, start: int, end: int) -> Runner:
-    from swarmlens.peer.runner import BlockRunner
+async def _create_block_runner(checkpoint_path: Path, start: int, end: int, limits=None) -> Runner:
+    from swarmlens.peer.runner import BlockRunner, RunnerLimits
 
-    return await BlockRunner.create(checkpoint_path, start, end)
+    return await BlockRunner.create(checkpoint_path, start, end, limits or RunnerLimits())
 
 
 def load_runner_factory(spec: str) -> RunnerFactory:
