@@ -87,6 +87,21 @@ def test_per_step_saves_match_local_executor(swarm_model, local_model):
         torch.testing.assert_close(remote_value, local_value, atol=ATOL, rtol=0)
 
 
+def test_later_block_value_edits_earlier_block_next_step(swarm_model, local_model):
+    # Both blocks are on the first peer, which lists its nodes by block: the edit at block 2
+    # comes before the read at block 10 that it uses.
+    def study(model):
+        layers = model.model.layers
+        with model.generate(PROMPTS[0], max_new_tokens=3) as tracer:
+            with tracer.iter[0]:
+                late = layers[10].output[:, -1]
+            with tracer.iter[1]:
+                layers[2].output[:, -1] += late
+        return tracer.output
+
+    assert torch.equal(study(swarm_model), study(local_model))
+
+
 def test_bytes_per_step_do_not_grow_with_graph(swarm_model):
     def bytes_sent(edits: int) -> list[int]:
         with swarm_model.generate(PROMPTS[0], max_new_tokens=4, stop_tokens=[]) as tracer:

@@ -235,7 +235,9 @@ class BlockRunner:
         """Check this peer's nodes; values of other nodes arrive at run time, or the run fails."""
         own = {node.id for node in nodes}
         known = {ref for node in nodes for ref in node.refs() if ref not in own and ref < node.id}
-        validate(Graph(nodes), self.sites, set(self.modules), known=known)
+        # The partition lists a peer's nodes by block, and a later step may edit an earlier
+        # block. Validation expects references to earlier nodes in list order, so sort by id.
+        validate(Graph(sorted(nodes, key=lambda node: node.id)), self.sites, set(self.modules), known=known)
         for node in nodes:
             module, kind, step = at[node.id]
             if node.site is not None and (module, kind, step) != (node.site.module, node.site.event_kind,
