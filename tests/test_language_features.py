@@ -68,6 +68,31 @@ def test_skip_uses_given_output(local_model):
     torch.testing.assert_close(skipped.value, previous.value, atol=0, rtol=0)
 
 
+def skip_and_call_study(model):
+    mlp = model.model.layers[3].mlp
+    with model.trace(PROMPT):
+        hidden = mlp.input
+        mlp.skip(hidden * 0)
+        called = mlp(hidden).save()
+        output = mlp.output.save()
+        inputs = mlp.input.save()
+    return called.value, output.value, inputs.value
+
+
+def test_module_call_ignores_skip_of_that_module(local_model, hf_model):
+    called, output, inputs = skip_and_call_study(local_model)
+
+    with torch.no_grad():
+        expected = hf_model.model.layers[3].mlp(inputs)
+    torch.testing.assert_close(called, expected, atol=ATOL, rtol=0)
+    assert torch.count_nonzero(output) == 0
+
+
+def test_module_call_with_skip_through_swarm(swarm_model, local_model):
+    for remote, local in zip(skip_and_call_study(swarm_model), skip_and_call_study(local_model)):
+        torch.testing.assert_close(remote, local, atol=ATOL, rtol=0)
+
+
 def test_skip_value_from_later_site_is_rejected(local_model):
     with pytest.raises(InvalidGraphError, match="skips model.layers.5"):
         with local_model.trace(PROMPT):

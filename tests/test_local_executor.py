@@ -4,6 +4,8 @@ Tolerance: the executor runs the same float32 ops as a plain forward, so values
 agree to 1e-5 absolute (observed: bit-identical).
 """
 
+import time
+
 import pytest
 import torch
 
@@ -149,3 +151,16 @@ def test_held_memory_limit_is_the_models_own(local_model):
                 [block.output.expand(64, -1, -1) * 2 for block in local_model.model.layers]
     finally:
         local_model.limits = default
+
+
+def test_module_call_output_predicted_before_it_runs(local_model):
+    from swarmlens.intervene import BudgetError
+
+    began = time.perf_counter()
+    with pytest.raises(BudgetError, match="would produce 983040000 elements"):
+        with local_model.trace(PROMPT):
+            hidden = local_model.model.layers[0].output[0, 0, 0].expand(1, 20000, 576) * 1.0
+            local_model.lm_head(hidden).save()  # 11.5 M elements in, 983 M logits out
+
+    # Running the call (566 GFLOP, 3.9 GB of logits) and checking its output afterwards takes over 10 s here.
+    assert time.perf_counter() - began < 3.0

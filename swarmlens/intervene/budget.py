@@ -74,6 +74,22 @@ class Budget:
                 raise BudgetError(f"node %{node.id} would produce {leaf.numel()} elements, above the limit of "
                                   f"{self.limits.max_numel}", node.source)
 
+    def check_module_call(self, node: Node, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Predict a module call on the meta device, with meta copies of its weights, and reject
+        it if an output is too large (attention weights of a long sequence, for example).
+
+        NOTE: module calls are not priced in FLOPs, so a very long sequence can keep the
+        compute thread past the clock, which is only checked between nodes.
+        """
+        weights = {name: tensor.to("meta") for name, tensor in
+                   [*module.named_parameters(), *module.named_buffers()]}
+        try:
+            predicted = torch.func.functional_call(module, weights, map_leaves(args, _to_meta),
+                                                   map_leaves(kwargs, _to_meta))
+        except Exception:  # noqa: BLE001 - the real call raises the same error with the user's line
+            return
+        self.check_result(node, predicted)
+
     def check_operands(self, node: Node, name: str, args: tuple) -> None:
         for arg in args:
             if not isinstance(arg, (torch.Tensor, int, float, bool)):

@@ -7,7 +7,7 @@ values and values carried to a later location).
 """
 
 import contextlib
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -61,7 +61,8 @@ class Interpreter:
             skipped = {node.site.module for nodes in self.pending.values() for node in nodes if node.op is Op.SKIP}
             for module_path in skipped:
                 if module_path in self.modules:
-                    handles.append(_SkippableForward(self.modules[module_path], self._skip_outputs))
+                    handles.append(_SkippableForward(self.modules[module_path], self._skip_outputs,
+                                                     lambda: self._suspended))
             for module_path, kind in {(module_path, kind) for module_path, kind, _ in self.pending}:
                 module = self.modules.get(module_path)
                 if module is None:
@@ -229,7 +230,7 @@ class Interpreter:
                                    creates=node.target in ops.CREATION_FUNCTIONS)
             return function(*args, **kwargs)
         if op is Op.CALL_MODULE:
-            return self._call_module(node.target, args, kwargs)
+            return self._call_module(node.target, args, kwargs, node)
         raise ExecutionError(f"node %{node.id} has unknown op {op!r}", node.source, original_type="ExecutionError")
 
     def _read_inputs(self) -> tuple:
@@ -246,12 +247,14 @@ class Interpreter:
         self._site_inputs = (args, kwargs)
         self._site_value = args[0] if args else next(iter(kwargs.values()))
 
-    def _call_module(self, module_path: str, args: tuple, kwargs: dict) -> Any:
+    def _call_module(self, module_path: str, args: tuple, kwargs: dict, node: Node | None = None) -> Any:
         module = self.modules.get(module_path)
         if module is None:
             raise ExecutionError(f"module {module_path!r} is not held here", original_type="ExecutionError")
         self._suspended = True
         try:
+            if node is not None:
+                self.budget.check_module_call(node, module, args, kwargs)
             return module(*args, **kwargs)
         finally:
             self._suspended = False
@@ -277,13 +280,15 @@ class _SkippableForward:
     Has the `remove()` of a hook handle, so `Interpreter.hooks` restores the module with its hooks.
     """
 
-    def __init__(self, module: nn.Module, skip_outputs: dict[nn.Module, Any]):
+    def __init__(self, module: nn.Module, skip_outputs: dict[nn.Module, Any], in_module_call: Callable[[], bool]):
         self.module = module
         self.saved = module.__dict__.get("forward")
         original = module.forward
 
         def forward(*args, **kwargs):
-            if module in skip_outputs:
+            # A graph's own call of the module (CALL_MODULE) computes it for real: the skip
+            # belongs to the call that the model's forward makes.
+            if module in skip_outputs and not in_module_call():
                 return skip_outputs.pop(module)
             return original(*args, **kwargs)
 
