@@ -138,3 +138,13 @@ def test_deeply_nested_tuples_are_rejected():
 def test_moderately_nested_tuples_round_trip():
     value = (1, (2, (3, (4, (torch.ones(2), slice(1, None))))))
     assert_same_value(loads(dumps(value), LIMIT), value)
+
+
+def test_many_empty_arrays_rejected():
+    # 5 arrays of 2**20 - 1 empty arrays: 5 MiB on the wire, several hundred MiB as lists.
+    inner = b"\xdd" + (2**20 - 1).to_bytes(4, "big") + b"\x90" * (2**20 - 1)
+    body = b"\x95" + inner * 5
+    message = msgpack.packb({"v": SCHEMA_VERSION, "body": 0})[:-1] + body
+
+    with pytest.raises(WireError, match="more than 4194304 arrays, maps and elements"):
+        loads(message, max_bytes=2**26)

@@ -21,6 +21,10 @@ _MAX_DIMS = 8
 _MAX_STRING = 1 << 20  # 1 MiB: source lines and names, never bulk data
 _MAX_ITEMS = 1 << 20  # elements of one array or map
 _MAX_EXT_DEPTH = 32  # nested tuples, tensors and slices; intervention arguments nest a few levels
+# Arrays, maps and their elements in one message, over all nesting levels. An empty array is
+# one byte on the wire but about 64 bytes as a Python list, so without this cap a 64 MiB
+# message could decode into several GiB.
+_MAX_DECODED_ITEMS = 1 << 22
 
 
 class WireError(ValueError):
@@ -56,28 +60,28 @@ def _tensor_fields(tensor: torch.Tensor) -> list:
     return [DTYPE_NAMES[tensor.dtype], list(tensor.shape), raw]
 
 
-def _ext_hook(code: int, data: bytes, depth: int) -> Any:
+def _ext_hook(code: int, data: bytes, depth: int, decoded: list[int]) -> Any:
     if code == _TENSOR:
-        return _decode_tensor(_unpack(data, depth))
+        return _decode_tensor(_unpack(data, depth, decoded))
     if code == _REF:
-        node = _unpack(data, depth)
+        node = _unpack(data, depth, decoded)
         if not isinstance(node, int) or isinstance(node, bool) or node < 0:
             raise WireError(f"invalid node reference {node!r}")
         return Ref(node)
     if code == _SLICE:
-        parts = _unpack(data, depth)
+        parts = _unpack(data, depth, decoded)
         if not isinstance(parts, list) or len(parts) != 3:
             raise WireError("invalid slice")
         return slice(*parts)
     if code == _ELLIPSIS:
         return Ellipsis
     if code == _DTYPE:
-        name = _unpack(data, depth)
+        name = _unpack(data, depth, decoded)
         if name not in DTYPES:
             raise WireError(f"unknown dtype {name!r}")
         return DTYPES[name]
     if code == _TUPLE:
-        items = _unpack(data, depth)
+        items = _unpack(data, depth, decoded)
         if not isinstance(items, list):
             raise WireError("invalid tuple")
         return tuple(items)
@@ -111,18 +115,33 @@ def _pack(value: Any) -> bytes:
     return msgpack.packb(value, default=_default, use_bin_type=True, strict_types=True)
 
 
-def _unpack(data: bytes, depth: int = 0) -> Any:
+def _unpack(data: bytes, depth: int = 0, decoded: list[int] | None = None) -> Any:
     """Decode msgpack; extension types nest through `depth`, which is capped.
 
     Each nested extension re-enters the C decoder, so without the cap a small
-    message could overflow the C stack and kill the process.
+    message could overflow the C stack and kill the process. `decoded` counts the
+    arrays, maps and elements of the whole message against _MAX_DECODED_ITEMS.
     """
     if depth > _MAX_EXT_DEPTH:
         raise WireError(f"malformed message: extension types nested deeper than {_MAX_EXT_DEPTH} levels")
+    decoded = decoded if decoded is not None else [0]
+
+    def count(items: list) -> list:
+        decoded[0] += len(items) + 1
+        if decoded[0] > _MAX_DECODED_ITEMS:
+            raise WireError(f"message has more than {_MAX_DECODED_ITEMS} arrays, maps and elements; "
+                            "send a smaller graph")
+        return items
+
+    def count_pairs(pairs: list) -> dict:
+        return dict(count(pairs))
+
     try:
         return msgpack.unpackb(
             data,
-            ext_hook=lambda code, payload: _ext_hook(code, payload, depth + 1),
+            ext_hook=lambda code, payload: _ext_hook(code, payload, depth + 1, decoded),
+            list_hook=count,
+            object_pairs_hook=count_pairs,
             raw=False,
             strict_map_key=True,
             max_str_len=_MAX_STRING,
