@@ -218,7 +218,7 @@ def _session_step(step: int, tokens: int = 1, past: int = 0) -> bytes:
 
 
 @pytest.mark.parametrize("case", ["step out of order", "step repeated", "more tokens than opened for",
-                                  "undecodable step", "session too large for the budget"])
+                                  "undecodable step", "session over the token limit"])
 def test_session_misuse_rejected_and_freed(swarm_model, local_swarm, reference, first_peer, case):
     from swarmlens.peer.errors import RemoteError
 
@@ -232,7 +232,7 @@ def test_session_misuse_rejected_and_freed(swarm_model, local_swarm, reference, 
     elif case == "undecodable step":
         steps, expected = [b"\x00" * 10], "WireError"
     else:
-        opened, steps, expected = _session_open(first_peer, 10**6, 10**6), [], "SessionCapacityError"
+        opened, steps, expected = _session_open(first_peer, 10**6, 10**6), [], "over this peer's limit of 8192 tokens"
 
     results = _session_exchange(swarm_model, first_peer, opened, steps)
     error = results[-1]

@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 OpenStream = Callable[[str], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
 
+# Error messages in the log are cut to this many characters: a hostile graph can make them huge.
+LOGGED_MESSAGE_CHARS = 1000
+
+
 class SessionCapacityError(RuntimeError):
     """The peer's sessions already hold as much memory as it allows; try another peer or later."""
 
@@ -169,6 +173,9 @@ async def serve_session(runner: "BlockRunner", reader: asyncio.StreamReader, wri
             del data
         if opened.batch_size < 1 or opened.max_length < 1:
             raise ValueError("a session needs batch_size >= 1 and max_length >= 1")
+        if opened.batch_size * opened.max_length > limits.max_tokens:
+            raise ValueError(f"a session of batch {opened.batch_size} and {opened.max_length} tokens is over this "
+                             f"peer's limit of {limits.max_tokens} tokens (batch times length); ask for fewer tokens")
         runner.check_chain(opened.chain, opened.nodes, opened.at)
         reserved = runner.reserve_session_bytes(session_nbytes(runner, opened.batch_size, opened.max_length))
         session = InferenceSession(runner, opened)
@@ -191,7 +198,7 @@ async def serve_session(runner: "BlockRunner", reader: asyncio.StreamReader, wri
             steps += 1
     except Exception as error:  # noqa: BLE001 - every session error goes back to the caller, then the session ends
         logger.warning("session %d:%d from %s failed after %d steps: %s: %s", runner.start, runner.end,
-                       remote_peer_id[-6:], steps, type(error).__name__, error)
+                       remote_peer_id[-6:], steps, type(error).__name__, str(error)[:LOGGED_MESSAGE_CHARS])
         await _send_error_quietly(writer, _remote_error(error, own_peer_id), own_peer_id)
     finally:
         if session is not None:

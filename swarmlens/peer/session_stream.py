@@ -10,6 +10,7 @@ import asyncio
 from swarmlens.peer.errors import RequestTooLargeError
 from swarmlens.peer.transport import (
     BYTEORDER,
+    DEFAULT_READ_TIMEOUT_S,
     ByteBudget,
     HEADER_LEN,
     RESPONSE_ERROR,
@@ -38,13 +39,15 @@ async def read_request(reader: asyncio.StreamReader, max_bytes: int, budget: Byt
     length = int.from_bytes(header, BYTEORDER)
     if length > max_bytes:
         raise RequestTooLargeError(f"session frame of {length} bytes exceeds the limit of {max_bytes} bytes")
+    # Once the header is in, the body must follow within the read timeout, not the longer
+    # idle timeout between steps, so that a header alone keeps its budget only that long.
     if budget is None:
-        return await reader.readexactly(length)
+        return await asyncio.wait_for(reader.readexactly(length), DEFAULT_READ_TIMEOUT_S)
 
     if not budget.try_reserve(length):
         raise budget.busy_error(length)
     try:
-        return await reader.readexactly(length)
+        return await asyncio.wait_for(reader.readexactly(length), DEFAULT_READ_TIMEOUT_S)
     except BaseException:
         budget.release(length)
         raise

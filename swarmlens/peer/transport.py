@@ -53,6 +53,9 @@ DEFAULT_MAX_RESPONSE_BYTES = 2**30
 # A server drops a stream whose request does not arrive within this many seconds, so that
 # a slow or stalled client cannot hold a handler forever.
 DEFAULT_READ_TIMEOUT_S = 60.0
+# A server drops a stream whose caller does not read a response frame within this many
+# seconds, so that a caller that never reads cannot hold the response's memory forever.
+WRITE_TIMEOUT_S = 60.0
 # After an early error frame, a server waits at most this many seconds for the caller to
 # close the stream before it closes it itself.
 DISCARD_GRACE_S = 5.0
@@ -173,20 +176,23 @@ async def _serve_request(
         return
 
     try:
-        await _read_and_answer(reader, writer, handler, length, read_timeout, remote_peer_id, own_peer_id)
+        kind, body = await _read_and_handle(reader, handler, length, read_timeout, remote_peer_id, own_peer_id)
     finally:
+        # Released before sending, so that a caller that never reads holds no budget.
         if budget is not None:
             budget.release(length)
+    await _send_frame(writer, kind, body)
+    del body
     # Closing at once can reset the stream before the caller has read the frame (seen in
     # CI for an error frame), so wait for the caller to close its side first.
     await _discard_until_eof(reader, writer)
 
 
-async def _read_and_answer(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler, length: int,
-    read_timeout: float, remote_peer_id: str, own_peer_id: str,
-) -> None:
-    """Read the request body, run the handler and send its response or error as one frame."""
+async def _read_and_handle(
+    reader: asyncio.StreamReader, handler: Handler, length: int, read_timeout: float, remote_peer_id: str,
+    own_peer_id: str,
+) -> tuple[bytes, bytes | bytearray | memoryview]:
+    """Read the request body and run the handler; return the frame to send: its kind and body."""
     payload = await asyncio.wait_for(reader.readexactly(length), read_timeout)
     try:
         response = await handler(payload, remote_peer_id)
@@ -194,9 +200,8 @@ async def _read_and_answer(
             raise TypeError(f"handler returned {type(response).__name__}, expected bytes")
     except Exception as error:  # noqa: BLE001 - every handler error goes back to the caller
         logger.debug("Handler raised %s for peer %s", type(error).__name__, remote_peer_id, exc_info=True)
-        await _send_error(writer, error, own_peer_id)
-    else:
-        await _send_frame(writer, RESPONSE_OK, response)
+        return RESPONSE_ERROR, _error_body(error, own_peer_id)
+    return RESPONSE_OK, response
 
 
 async def _reject(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, error: Exception,
@@ -223,21 +228,27 @@ async def _discard_until_eof(reader: asyncio.StreamReader, writer: asyncio.Strea
 
 
 async def _send_frame(writer: asyncio.StreamWriter, kind: bytes, body: bytes | bytearray | memoryview) -> None:
+    """Send one frame; raise ConnectionError if the caller does not take it within WRITE_TIMEOUT_S."""
     writer.write(kind + len(body).to_bytes(HEADER_LEN, BYTEORDER))
     writer.write(body)
-    await writer.drain()
+    try:
+        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+    except TimeoutError:
+        raise ConnectionError(f"the caller did not read a {len(body)}-byte frame within {WRITE_TIMEOUT_S:.0f} s") from None
 
 
 async def _send_error(writer: asyncio.StreamWriter, error: BaseException, own_peer_id: str) -> None:
+    await _send_frame(writer, RESPONSE_ERROR, _error_body(error, own_peer_id))
+
+
+def _error_body(error: BaseException, own_peer_id: str) -> bytes:
+    """Return the msgpack body of an error frame for `error`."""
     if isinstance(error, RemoteError):
         # Pass on an error from further down the chain with the peer where it was raised.
         type_name, message, peer_id = error.type_name, error.message, error.peer_id
     else:
         type_name, message, peer_id = type(error).__name__, str(error), own_peer_id
-    body = msgpack.packb(
-        {"type": type_name, "message": message[:MAX_ERROR_MESSAGE_CHARS], "peer_id": peer_id}
-    )
-    await _send_frame(writer, RESPONSE_ERROR, body)
+    return msgpack.packb({"type": type_name, "message": message[:MAX_ERROR_MESSAGE_CHARS], "peer_id": peer_id})
 
 
 async def call(
