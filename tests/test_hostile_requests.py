@@ -247,17 +247,17 @@ def test_empty_session_freed(swarm_model, local_swarm, reference, first_peer):
     _assert_still_serving(swarm_model, local_swarm, reference)
 
 
-def test_values_kept_across_steps_count_as_session_memory(swarm_model, local_swarm, reference):
+def test_kept_values_count_as_session_memory(swarm_model, local_swarm, reference):
     from swarmlens.intervene import ExecutionError
 
     layers = swarm_model.model.layers
     with pytest.raises(ExecutionError) as caught:
         with swarm_model.generate(PROMPT, max_new_tokens=2) as tracer:
             with tracer.iter[0]:  # three values of 512 MiB, computed on the first peer at step 0
-                kept = [layers[3].output[0, 0, 0].expand(2**27) + float(index) for index in range(3)]
+                kept_values = [layers[3].output[0, 0, 0].expand(2**27) + float(index) for index in range(3)]
             with tracer.iter[1]:  # and multiplied there by a value of step 1, so they must stay
                 scale = layers[3].output[0, -1, 0]
-                layers[3].output[0, -1, 0] = sum((value * scale)[0] for value in kept)
+                layers[3].output[0, -1, 0] = sum((value * scale)[0] for value in kept_values)
 
     assert caught.value.original_type == "BudgetError"
     assert "values kept for later steps hold 1.5 GiB" in str(caught.value)

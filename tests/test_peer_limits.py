@@ -42,9 +42,9 @@ def test_session_memory_option_limits_kept_values(small_peer_model):
     with pytest.raises(ExecutionError) as caught:
         with small_peer_model.generate(PROMPT, max_new_tokens=2) as tracer:
             with tracer.iter[0]:  # 768 KiB of values, kept on the peer until step 1
-                kept = layers[3].output[0, 0, 0].expand(3 * 2**16) + 1.0
+                kept_value = layers[3].output[0, 0, 0].expand(3 * 2**16) + 1.0
             with tracer.iter[1]:
-                layers[3].output[0, -1, 0] = (kept * layers[3].output[0, -1, 0])[0]
+                layers[3].output[0, -1, 0] = (kept_value * layers[3].output[0, -1, 0])[0]
 
     assert plain.output.shape[1] > 0
     assert caught.value.original_type == "BudgetError"

@@ -32,8 +32,6 @@ from swarmlens.swarm.dht import DEFAULT_HOST, start_dht, stop_dht, visible_maddr
 logger = logging.getLogger(__name__)
 
 READY_MARKER = "SWARMLENS_PEER_READY"
-# Error messages in the log are cut to this many characters: a hostile graph can make them huge.
-LOGGED_MESSAGE_CHARS = 1000
 
 # Limits of one peer. Hidden states of SmolLM2-135M (hidden size 576, float32) take 2.3 KB
 # per token, so 64 MiB fits a batch of about 29,000 tokens plus the intervention graph.
@@ -285,7 +283,7 @@ class _PeerSession:
         logger.warning(
             "forward %s from %s: failed after %.1f ms, %d B in: %s: %s",
             self.span, _short(remote_peer_id), elapsed_ms, len(payload), type(error).__name__,
-            str(error)[:LOGGED_MESSAGE_CHARS],
+            str(error)[:transport.LOGGED_MESSAGE_CHARS],
         )
 
     async def handle_info(self, payload: bytes, remote_peer_id: str) -> bytes:

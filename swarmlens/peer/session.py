@@ -23,7 +23,7 @@ from swarmlens.intervene.interpreter import Interpreter
 from swarmlens.peer.errors import InvalidResponseError, PeerTimeoutError, PeerUnreachableError, RemoteError
 from swarmlens.peer.protocol import ForwardResponse, SessionOpen, SessionStep
 from swarmlens.peer.runner import check_carried_values
-from swarmlens.peer.transport import ByteBudget
+from swarmlens.peer.transport import LOGGED_MESSAGE_CHARS, ByteBudget
 from swarmlens.peer.session_stream import read_request, read_response, write_error, write_request, write_response
 
 if TYPE_CHECKING:
@@ -32,10 +32,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 OpenStream = Callable[[str], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
-
-
-# Error messages in the log are cut to this many characters: a hostile graph can make them huge.
-LOGGED_MESSAGE_CHARS = 1000
 
 
 class SessionCapacityError(RuntimeError):
@@ -110,19 +106,19 @@ class InferenceSession:
         Raises BudgetError if this session alone would pass the cap, so that the client does
         not retry, and SessionCapacityError if other sessions leave too little room now.
         """
-        held = self.interpreter.memory.nbytes
+        kept_bytes = self.interpreter.memory.nbytes
         cap = self.runner.limits.max_session_bytes
-        if held + self.nbytes() > cap:
+        if kept_bytes + self.nbytes() > cap:
             raise BudgetError(
-                f"values kept for later steps hold {format_bytes(held)}, which with the KV cache of "
+                f"values kept for later steps hold {format_bytes(kept_bytes)}, which with the KV cache of "
                 f"{format_bytes(self.nbytes())} is above this peer's session memory of {format_bytes(cap)}; "
                 "keep fewer or smaller values across steps"
             )
-        if held > self.held_bytes:
-            self.runner.grow_session_bytes(held - self.held_bytes)
+        if kept_bytes > self.held_bytes:
+            self.runner.grow_session_bytes(kept_bytes - self.held_bytes)
         else:
-            self.runner.shrink_session_bytes(self.held_bytes - held)
-        self.held_bytes = held
+            self.runner.shrink_session_bytes(self.held_bytes - kept_bytes)
+        self.held_bytes = kept_bytes
 
 
 def _release_steps(nodes: list, at: dict, keep_after: dict[int, list[int]]) -> dict[int, list[int]]:
